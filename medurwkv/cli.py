@@ -1,0 +1,31 @@
+"""Command line: ``python -m medurwkv <command>`` (``convert``, ``params``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def params(variant: str = "tiny", encoder: str = "adapter", in_channels: int = 1, out_channels: int = 2) -> None:
+    """Print the parameter count of Med-URWKV per part (encoder, bottleneck, decoder, head)."""
+    from .nets.medurwkv import MedURWKV
+
+    counts = MedURWKV(in_channels, out_channels, variant=variant, encoder=encoder).parameter_count()
+    for part, n in counts.items():
+        print(f"{part:<11}{n:>12,d}  ({n / 1e6:.2f} M)")
+
+
+def convert(src: str, dst: str, in_channels: Optional[int] = None, variant: str = "auto", encoder: str = "auto") -> None:
+    """Official Vision-RWKV checkpoint SRC -> tensor-only encoder weights DST (.safetensors or .pt), with a report."""
+    from .convert import convert as _convert
+
+    _convert(src, dst, in_channels=in_channels, variant=variant, encoder=encoder)
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire({"convert": convert, "params": params})
+
+
+if __name__ == "__main__":
+    main()
