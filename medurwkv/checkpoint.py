@@ -45,7 +45,7 @@ def _read_torch_file(path: Path) -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         msg = str(e)
         if "weights_only" in msg or "Unsupported global" in msg:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+            found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", msg)
             raise CheckpointError(
                 f"{path}: refused to load: the file contains pickled Python objects, not only tensors"
                 f"{f' ({found.group(1)})' if found else ''}. Only tensor checkpoints (torch weights_only or "

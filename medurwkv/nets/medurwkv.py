@@ -97,7 +97,9 @@ class PlainPyramid(nn.Module):
         self.backbone = backbone
         self.indices = list(blocks)
         dim = backbone.embed_dim
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in blocks)
+        # the last level reuses the backbone's pretrained final norm (its ImageNet features); the earlier
+        # levels get their own
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in blocks[:-1])
         self.resample = nn.ModuleList(
             [PatchExpand(dim, dim, scale=4), PatchExpand(dim, dim, scale=2), nn.Identity(), PatchMerge(dim, dim)]
         )
@@ -105,7 +107,7 @@ class PlainPyramid(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         feats = self.backbone.forward_intermediates(x, indices=self.indices, output_fmt="NCHW", intermediates_only=True, stop_early=True)
         out = []
-        for f, norm, resample in zip(feats, self.norms, self.resample):
+        for f, norm, resample in zip(feats, [*self.norms, self.backbone.norm], self.resample):
             f = resample(norm(f.permute(0, 2, 3, 1)))
             out.append(f.permute(0, 3, 1, 2))
         return out
@@ -175,7 +177,8 @@ class MedURWKV(nn.Module):
         enc_dim = VRWKV_VARIANTS[variant]["embed_dim"]
 
         n_dec = bottleneck_depth + sum(decoder_depths)
-        dpr = torch.linspace(drop_path_rate, 0.0, max(n_dec, 1)).tolist()  # deepest decoder blocks drop most
+        # stochastic depth decreasing from the bottleneck (deepest) to the last decoder stage
+        dpr = [drop_path_rate * (1 - i / max(n_dec - 1, 1)) for i in range(max(n_dec, 1))]
         self.bottleneck_proj = nn.Linear(enc_dim, dims[0], bias=False)
         self.bottleneck_norm = nn.LayerNorm(dims[0])
         self.bottleneck = RWKVStage(dims[0], bottleneck_depth, dpr[:bottleneck_depth])

@@ -230,7 +230,7 @@ class VisionRWKV(nn.Module):
         grid = self.patch_embed.grid_size
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # as torch.linspace, device-free
         self.blocks = nn.ModuleList(
             Block(embed_dim, i, depth, hidden_rate, post_norm, init_values, key_norm, drop_path=dpr[i]) for i in range(depth)
         )
