@@ -61,10 +61,14 @@ def test_requested_variant_must_match(official, tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+class _Config:  # any user class: unpickling it would import this module
+    pass
+
+
 def test_refuses_pickled_objects_without_writing(tmp_path, official):
     _, src = official
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": torch.load(src, weights_only=True)["state_dict"], "cfg": ValueError("a Python object")}, evil)
+    torch.save({"state_dict": torch.load(src, weights_only=True)["state_dict"], "cfg": _Config()}, evil)
     dst = tmp_path / "out.pt"
     dst.write_bytes(b"previous")
     with pytest.raises(CheckpointError, match="pickled Python objects"):
