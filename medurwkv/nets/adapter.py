@@ -572,16 +572,10 @@ class VisionRWKVAdapter(VisionRWKV):
             CheckpointError: unreadable file, a VRWKV of another width/depth, or (strict) weights that do not fit.
         """
         source = str(path)
-        state_dict = checkpoint_filter_fn(load_weights(path), self, source=source)
         if strict:
-            if not any(k.startswith("spm.") for k in state_dict):
-                raise CheckpointError(
-                    f"{source}: a plain Vision-RWKV checkpoint (no adapter weights such as spm.*, interactions.*); "
-                    "to start the adapter from it, as the official ADE20K training did, use "
-                    "model.load_pretrained(path, strict=False)"
-                )
-            load_state_dict_strict(self, state_dict, source=source)
+            self.load_checkpoint(load_weights(path), source=source)
             return None
+        state_dict = checkpoint_filter_fn(load_weights(path), self, source=source)
         own = self.state_dict()
         mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
         if mismatched:
@@ -596,6 +590,18 @@ class VisionRWKVAdapter(VisionRWKV):
         )
         _logger.info("%s", report)
         return report
+
+    def load_checkpoint(self, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> int:
+        """Strict load of an adapter checkpoint's tensors (official layout or converted); returns the count."""
+        mapped = checkpoint_filter_fn(state_dict, self, source=source)
+        if not any(k.startswith("spm.") for k in mapped):
+            raise CheckpointError(
+                f"{source}: a plain Vision-RWKV checkpoint (no adapter weights such as spm.*, interactions.*); "
+                "to start the adapter from it, as the official ADE20K training did, use "
+                "model.load_pretrained(path, strict=False)"
+            )
+        load_state_dict_strict(self, mapped, source=source)
+        return len(mapped)
 
     # --- forward --------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:

@@ -519,7 +519,8 @@ def build_with_local_weights(model_cls: type, variant: str, pretrained: bool, fi
     file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
     model = build_model_with_cfg(model_cls, variant, pretrained and not file, pretrained_filter_fn=filter_fn, **kwargs)
     if pretrained and file:
-        model.load_pretrained(file)
+        # with features_only=True timm has already wrapped the network (FeatureGetterNet.model)
+        getattr(model, "model", model).load_pretrained(file)
     return model
 
 
