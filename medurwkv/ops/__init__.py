@@ -9,6 +9,8 @@ by the tests.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .biwkv import bi_wkv_reference, bi_wkv_torch
@@ -16,6 +18,7 @@ from .biwkv import bi_wkv_reference, bi_wkv_torch
 __all__ = ["bi_wkv", "bi_wkv_reference", "bi_wkv_torch", "triton_available"]
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when the Triton kernels can be imported (they run on CUDA tensors only)."""
     try:
@@ -23,6 +26,12 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a Triton build without a usable backend
         return False
     return True
+
+
+def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`bi_wkv` runs the Triton kernels for inputs on ``device`` with ``dtype``: CUDA tensors
+    (float64 stays on the PyTorch path, which computes in float64) when Triton imports."""
+    return device.type == "cuda" and dtype != torch.float64 and triton_available()
 
 
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -37,7 +46,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     Returns:
         (B, T, C) in ``k``'s dtype.
     """
-    if k.is_cuda and k.dtype != torch.float64 and triton_available():
+    if _use_triton(k.device, k.dtype):
         from .triton_biwkv import bi_wkv_triton
 
         return bi_wkv_triton(w, u, k, v)

@@ -24,11 +24,14 @@ frame, ``-i`` in the right frame) of its largest term. Two partial sums merge li
   mantissa is always >= 1.
 * Exponent differences are computed as ``d = (kappa1 - kappa2) + w * (pi1 - pi2)``: a key difference plus
   ``w`` times an exact integer distance. They are never differences of two rounded ``k + w * position``
-  values of magnitude ~|k| + |spatial_decay|. That keeps the error at a few 1e-7 instead of a few 1e-6 when
-  keys or decays are large.
+  values of magnitude ~|k| + |spatial_decay|. Measured with the interpreter over T in {1..1000}, C up to
+  192, ``|spatial_decay| <= 80`` and key std up to 20: max abs error <= 2.5e-6 against the float64 oracle.
+  With rounded ``k + w * position`` values it was up to 9e-6.
 
-A row combines three parts with one common maximum: prefix, the bonus ``e^{u+k_t}``, and suffix. It also
-stores ``lse_t = log(denominator)`` for the backward.
+A row combines three parts: prefix, the bonus ``e^{u+k_t}``, and suffix. They are weighted relative to the
+largest of them through pairwise differences (:func:`_row_weights`). The row also stores
+``lse_t = log(denominator)`` (float32) for the backward. Its rounding, about ``|lse| * 6e-8``, bounds the
+gradients' relative accuracy to a few 1e-6 when keys are large.
 
 Work decomposition
 ------------------
@@ -85,6 +88,7 @@ kernels also run, slowly, on CPU tensors; that is how the CPU test suite checks 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -92,6 +96,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .biwkv import _check_shapes
 
 __all__ = ["bi_wkv_triton", "LaunchConfig", "launch_config"]
 
@@ -513,11 +520,19 @@ class LaunchConfig:
         return self.n_chunks > 1
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
     return 132  # interpreter on CPU tensors: behave as on an H100/H200 so the same paths are exercised
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -556,21 +571,20 @@ def launch_config(
         if val & (val - 1):
             raise ValueError(f"{name} must be a power of two, got {val}")
     unit = max(bt, btb)  # both powers of two, so a multiple of unit is a multiple of both
-    whole = -(-T // unit) * unit
+    whole = _cdiv(T, unit) * unit
     if chunk_len is None:
-        programs = B * -(-C // bc)
+        programs = B * _cdiv(C, bc)
         n_sm = _sm_count(device)
         if programs < n_sm and T >= 4 * unit:
-            n_chunks = min(-(-2 * n_sm // programs), -(-T // (2 * unit)))
-            chunk = -(-(-(-T // n_chunks)) // unit) * unit
+            n_chunks = min(_cdiv(2 * n_sm, programs), _cdiv(T, 2 * unit))
+            chunk = _cdiv(_cdiv(T, n_chunks), unit) * unit
         else:
             chunk = whole
     elif chunk_len <= 0:
         chunk = whole
     else:
-        chunk = min(whole, -(-chunk_len // unit) * unit)
-    chunk = max(chunk, unit)
-    n_chunks = -(-T // chunk)
+        chunk = min(whole, _cdiv(chunk_len, unit) * unit)
+    n_chunks = _cdiv(T, chunk)
     nw = num_warps or (8 if bt * bc >= 2048 else 4)
     nwb = num_warps or (8 if btb * bc >= 1024 else 4)
     return LaunchConfig(bt, btb, bc, nw, nwb, chunk, n_chunks)
@@ -590,7 +604,7 @@ def _forward(
     B, T, C = k.shape
     dev = k.device
     bt, bc = cfg.block_t, cfg.block_c
-    nt = -(-T // bt)
+    nt = _cdiv(T, bt)
     tpc = cfg.chunk_len // bt
     nc = cfg.n_chunks
     y = torch.empty_like(k)
@@ -628,7 +642,7 @@ def _backward(
     B, T, C = k.shape
     dev = k.device
     bt, bc = cfg.block_t_bwd, cfg.block_c
-    nt = -(-T // bt)
+    nt = _cdiv(T, bt)
     tpc = cfg.chunk_len // bt
     nc = cfg.n_chunks
     dk = torch.empty_like(k)
@@ -669,10 +683,12 @@ class _BiWKVTriton(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward is a kernel, not torch ops: no double backward
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
         w32, u32, k, v, y32, lse, *rest = ctx.saved_tensors
         fsumm = rest[0] if ctx.has_summ else None
-        with torch.autocast(device_type=k.device.type, enabled=False):
+        device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+        with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
             dw, du, dk, dv = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), ctx.cfg)
         need = ctx.needs_input_grad
         return (
@@ -708,11 +724,8 @@ def bi_wkv_triton(
     Returns:
         (B, T, C) in ``k``'s dtype; all arithmetic is float32 and autocast is disabled inside.
     """
-    if k.dim() != 3 or k.shape != v.shape:
-        raise ValueError(f"bi_wkv expects k and v of the same shape (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check_shapes(w, u, k, v)
     B, T, C = k.shape
-    if w.shape != (C,) or u.shape != (C,):
-        raise ValueError(f"bi_wkv expects w and u of shape ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
     if not (w.device == u.device == k.device == v.device):
         raise ValueError("bi_wkv expects w, u, k, v on the same device")
     if v.dtype != k.dtype:
@@ -721,7 +734,9 @@ def bi_wkv_triton(
         return v.clone()
     cfg = launch_config(B, T, C, k.device, chunk_len=chunk_len, block_t=block_t, block_c=block_c,
                         num_warps=num_warps)
-    with torch.autocast(device_type=k.device.type, enabled=False):
+    # Triton launches on the current CUDA device, so make it the inputs' device
+    device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+    with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
             return _BiWKVTriton.apply(w, u, k, v, cfg)
         w32 = w.to(torch.float32).contiguous()
