@@ -1,0 +1,241 @@
+"""Ignite/MONAI engine handlers for Med-URWKV training: the paper's encoder freeze, atomic checkpoints,
+resuming, and a progress bar.
+
+All are plain handlers with ``attach(engine)`` (or ``__call__(engine)`` for one-off loaders), so the bundle's
+``train.json`` lists them next to MONAI's own handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
+
+__all__ = ["FreezeEncoderHandler", "AtomicCheckpointSaver", "ResumeTraining", "ProgressBar"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        network = network.module
+    return network
+
+
+class FreezeEncoderHandler:
+    """Freeze the pretrained encoder for the first ``epochs`` epochs, then train everything (Med-URWKV recipe).
+
+    At the start of each epoch, ``network.encoder_parameters()`` get ``requires_grad = epoch > epochs``.
+    Frozen parameters receive no gradient, so AdamW leaves them (and their weight decay) alone and the
+    backward pass skips the encoder. Under DDP, wrap the network with ``find_unused_parameters=True``.
+    BatchNorm running statistics (adapter stem) keep updating, as in the rest of the network.
+
+    Args:
+        network: a ``MedURWKV`` (or a DDP/DataParallel wrapper of one).
+        epochs: number of leading epochs with a frozen encoder; 0 disables freezing.
+    """
+
+    def __init__(self, network: nn.Module, epochs: int = 5) -> None:
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        net = _unwrap(network)
+        if not hasattr(net, "encoder_parameters"):
+            raise TypeError(f"{type(net).__name__} has no encoder_parameters(); FreezeEncoderHandler needs a MedURWKV")
+        self.network = net
+        self.epochs = int(epochs)
+        self._frozen: Optional[bool] = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        frozen = engine.state.epoch <= self.epochs
+        if frozen == self._frozen:
+            return
+        params = self.network.encoder_parameters()
+        for p in params:
+            p.requires_grad_(not frozen)
+        self._frozen = frozen
+        n = sum(p.numel() for p in params)
+        state = f"frozen until the end of epoch {self.epochs}" if frozen else "trainable"
+        engine.logger.info(f"Epoch {engine.state.epoch}: encoder ({n / 1e6:.2f} M parameters) {state}")
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite ``DiskSaver`` writing through a temporary file and ``os.replace`` (readers never see a partly
+    written file). With a fixed ``filename`` the previous file is not deleted before the new one is written:
+    the replace swaps it, so a crash or Ctrl-C at any moment leaves the old or the new checkpoint on disk."""
+
+    def __init__(self, dirname: str, filename: Optional[str] = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Optional[Mapping] = None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose files are written atomically.
+
+    MONAI's saver writes in place (``atomic=False``) and, for a fixed ``key_metric_filename`` such as
+    ``model.pt``, deletes the previous best file *before* writing the new one, so an interruption can leave
+    no model or a truncated one. This subclass keeps every argument and behaviour of ``CheckpointSaver`` and
+    swaps the disk writer for a temp-file + rename writer that never deletes a fixed-name file.
+
+    Args:
+        interval_filename: fixed file name for the ``save_interval`` checkpoints (default: MONAI's
+            ``checkpoint_epoch=N.pt`` names).
+        engine_key: also save the state (epoch, iteration) of the engine this handler is attached to, under
+            this key (e.g. ``"trainer"``, for resuming). A config cannot list the trainer in ``save_dict`` of
+            one of its own handlers (circular reference), hence this option.
+        Other arguments: as ``monai.handlers.CheckpointSaver``. What is saved is each object's
+        ``state_dict()`` (DDP/DataParallel unwrapped by ignite): tensors and plain Python values only,
+        loadable with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        interval_filename: Optional[str] = None,
+        engine_key: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        if engine_key is not None and engine_key in save_dict:
+            raise ValueError(f"engine_key {engine_key!r} is already a key of save_dict")
+        self.engine_key = engine_key
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is None:
+                continue
+            old = ckpt.save_handler
+            filename = getattr(old, "filename", None)
+            if ckpt is self._interval_checkpoint and interval_filename:
+                filename = interval_filename
+            ckpt.save_handler = _AtomicDiskSaver(dirname=str(old.dirname), filename=filename)
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key is not None:
+            for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+                if ckpt is not None:
+                    ckpt.to_save[self.engine_key] = engine
+        super().attach(engine)
+
+
+class ResumeTraining:
+    """Resume a training run: call it on the trainer before ``run()`` (``"$@resume(@train#trainer) if @resume else None"``).
+
+    * ``state_path`` exists (written by the bundle every ``val_interval`` epochs and at the end): restores the
+      network, optimizer, LR scheduler and the trainer's epoch/iteration, so ``run()`` continues where it stopped.
+    * otherwise ``model_path`` exists (``models/model.pt``, the best validation weights): loads the network
+      weights only and starts the schedule from epoch 1 (logged as a warning).
+    * neither: ``FileNotFoundError`` naming both paths.
+    """
+
+    def __init__(
+        self,
+        state_path: str,
+        model_path: str,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        map_location: Any = None,
+    ) -> None:
+        self.state_path, self.model_path = str(state_path), str(model_path)
+        self.network, self.optimizer, self.lr_scheduler = _unwrap(network), optimizer, lr_scheduler
+        self.map_location = map_location
+
+    def __call__(self, engine: Engine) -> str:
+        if os.path.isfile(self.state_path):
+            load_dict = {"model": self.network, "optimizer": self.optimizer, "trainer": engine}
+            if self.lr_scheduler is not None:
+                load_dict["lr_scheduler"] = self.lr_scheduler
+            CheckpointLoader(load_path=self.state_path, load_dict=load_dict, map_location=self.map_location)(engine)
+            engine.logger.info(f"Resumed training from {self.state_path} at epoch {engine.state.epoch}/{engine.state.max_epochs}")
+            return self.state_path
+        if os.path.isfile(self.model_path):
+            CheckpointLoader(load_path=self.model_path, load_dict={"model": self.network}, map_location=self.map_location)(engine)
+            engine.logger.warning(
+                f"{self.state_path} not found: loaded the network weights of {self.model_path} only; "
+                "the optimizer, LR schedule and epoch count start afresh"
+            )
+            return self.model_path
+        raise FileNotFoundError(f"resume=true but there is nothing to resume from: neither {self.state_path} nor {self.model_path} exists")
+
+
+class ProgressBar:
+    """One tqdm bar for the whole training run (all iterations of all epochs), showing the epoch, the loss
+    and the latest validation key metric. Resumed runs start the bar where they stopped.
+
+    Args:
+        validator: the validation evaluator whose key metric is shown (optional).
+        output_transform: how to read the loss from ``engine.state.output``.
+        desc: bar label.
+        disable: turn the bar off (e.g. on non-zero ranks); ``None`` lets tqdm decide.
+    """
+
+    def __init__(
+        self,
+        validator: Optional[Engine] = None,
+        output_transform: Callable = from_engine(["loss"], first=True),
+        desc: str = "train",
+        disable: Optional[bool] = False,
+    ) -> None:
+        self.validator = validator
+        self.output_transform = output_transform
+        self.desc = desc
+        self.disable = disable
+        self._bar: Any = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._close_on_error)
+
+    def _open(self, engine: Engine) -> None:
+        from tqdm.auto import tqdm
+
+        total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
+        self._bar = tqdm(total=total or None, initial=engine.state.iteration, desc=self.desc, unit="it", dynamic_ncols=True, disable=self.disable, mininterval=1.0)
+
+    def _postfix(self, engine: Engine) -> dict:
+        post = {"epoch": f"{engine.state.epoch}/{engine.state.max_epochs}"}
+        try:
+            loss = self.output_transform(engine.state.output)
+            post["loss"] = f"{float(loss):.4f}"
+        except Exception:  # no loss in the output (e.g. a custom engine): show the rest
+            pass
+        v = self.validator
+        if v is not None and getattr(v.state, "key_metric_name", None) in (v.state.metrics or {}):
+            post[v.state.key_metric_name] = f"{float(v.state.metrics[v.state.key_metric_name]):.4f}"
+        return post
+
+    def _update(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(self._postfix(engine), refresh=False)
+            self._bar.update(1)
+
+    def _epoch(self, engine: Engine) -> None:
+        if self._bar is not None:  # after validation handlers of this epoch have run
+            self._bar.set_postfix(self._postfix(engine))
+
+    def _close(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _close_on_error(self, engine: Engine, e: Exception) -> None:
+        self._close(engine)
+        raise e

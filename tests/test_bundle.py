@@ -1,0 +1,426 @@
+"""The MONAI bundle in bundle/: model-zoo checks with MONAI's own CLI, workflows, DDP on CPU, bad inputs.
+
+Everything runs on a copy of the bundle in a temporary folder (``--bundle_root`` there, so ``models/`` and
+``eval/`` are written there) over the shipped sample_data/ (read only). For speed only, the workflows use
+8 mm voxels and 32 x 32 slice windows (``pixdim``, ``roi_size``), 2 slices per training step and no loader
+workers; everything else is the shipped configuration. ``import monai`` costs seconds, so each CLI
+subprocess checks several things.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundle"
+SAMPLE = ROOT / "sample_data"
+HELD_OUT = SAMPLE / "imagesTs" / "itk_kmeanstest_t1.nii.gz"
+DICOM = SAMPLE / "dicom" / "itk_kmeanstest_t1"
+SCHEMA = "configs/schema/meta_schema_20240725.json"
+
+TINY = {"pixdim": [8.0, 8.0, 8.0], "roi_size": [32, 32], "num_workers": 0, "sw_batch_size": 8}
+TINY_TRAIN = {**TINY, "epochs": 1, "val_interval": 1, "train#num_slices": 2}
+
+
+def _cli_overrides(d: dict) -> list:
+    out = []
+    for k, v in d.items():
+        out += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _run(cmd: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], cwd=str(cwd), env=_env(), capture_output=True, text=True, timeout=timeout)
+    return r
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _causes(e: BaseException) -> str:
+    """All messages of an exception chain (MONAI wraps errors raised inside config expressions)."""
+    msgs = []
+    while e is not None:
+        msgs.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(msgs)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A copy of the bundle (no weights, no outputs) and a folder of extra inputs."""
+    root = tmp_path_factory.mktemp("bundle_test")
+    bundle = root / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt", "*.ts", "*.safetensors"))
+    inputs = root / "inputs"
+    inputs.mkdir()
+    shutil.copytree(DICOM, inputs / "dicom_series")  # another name than the NIfTI case: outputs are named after inputs
+    img = nib.load(SAMPLE / "imagesTr" / "colin27_t1.nii.gz")  # RAS: its third axis is axial
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 45], img.affine), inputs / "slice2d.nii.gz")
+    return {"root": root, "bundle": bundle, "inputs": inputs}
+
+
+def _workflow(bundle: Path, files, workflow_type: str, **override):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(bundle / "configs" / f) for f in ([files] if isinstance(files, str) else files)]
+    return ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(bundle),
+        dataset_dir=str(SAMPLE),
+        **override,
+    )
+
+
+# ----------------------------------------------------------------------------- model-zoo CLI checks
+@pytest.mark.slow
+def test_zoo_cli_verify_metadata_net_in_out_and_torchscript_export(work, tmp_path):
+    """verify_metadata (offline, vendored schema), verify_net_in_out (n=1 -> 32x32, as model-zoo CI, and n=4),
+    and ckpt_export by tracing; the TorchScript module matches the eager network on a 128 x 128 slice batch."""
+    from medurwkv.nets.medurwkv import MedURWKV
+
+    b = work["bundle"]
+    torch.manual_seed(0)
+    net = MedURWKV(1, 2, encoder="adapter")
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    ts = tmp_path / "model.ts"
+    script = " && ".join(
+        [
+            f"{sys.executable} -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath {SCHEMA}",
+            f"{sys.executable} -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
+            "--config_file configs/inference.json --device cpu --n 1",
+            f"{sys.executable} -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json "
+            "--config_file configs/inference.json --device cpu --n 4 --encoder plain",
+            f"{sys.executable} -m monai.bundle ckpt_export network_def --filepath {ts} --ckpt_file {ckpt} "
+            "--meta_file configs/metadata.json --config_file configs/inference.json "
+            "--use_trace True --input_shape '[1, 1, 128, 128]'",
+        ]
+    )
+    r = _run(["bash", "-c", script], cwd=b, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "metadata is verified with no error" in r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("data shape of network is verified with no error") == 2
+    loaded = torch.jit.load(str(ts))
+    net.eval()
+    x = torch.rand(3, 1, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_fields_for_monai_label_and_zoo():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    for k in ("monai_version", "pytorch_version", "numpy_version", "required_packages_version", "optional_packages_version"):
+        assert k in meta
+    fmt = meta["network_data_format"]
+    assert list(fmt["inputs"])[0] == "image" and list(fmt["outputs"])[0] == "pred"
+    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "brain"}
+    assert len(fmt["inputs"]["image"]["spatial_shape"]) == 2  # a 2D network (MONAI Label reads the dimension here)
+    schema = json.loads((BUNDLE / SCHEMA).read_text())
+    assert meta["schema"].endswith(Path(SCHEMA).name) and "network_data_format" in schema["required"]
+
+
+def test_configs_agree_on_the_network():
+    cfg = {n: json.loads((BUNDLE / "configs" / f"{n}.json").read_text()) for n in ("train", "inference", "convert")}
+    assert cfg["train"]["network_def"] == cfg["inference"]["network_def"]
+    for k in ("pixdim", "roi_size", "encoder"):
+        assert cfg["train"][k] == cfg["inference"][k], k
+    assert cfg["convert"]["in_channels"] == cfg["train"]["network_def"]["in_channels"]
+    assert cfg["convert"]["variant"] == cfg["train"]["network_def"]["variant"]
+    assert cfg["convert"]["encoder"] == cfg["train"]["encoder"]
+    assert cfg["train"]["network_def"]["_target_"] == "medurwkv.nets.medurwkv.MedURWKV"
+    assert "dropout" in cfg["train"]["network_def"]  # MONAI Label's epistemic scoring sets it
+
+
+def test_logging_conf_passes_monai_allowlist():
+    from monai.bundle.workflows import _apply_logging_file
+
+    _apply_logging_file(str(BUNDLE / "configs" / "logging.conf"))
+
+
+# ----------------------------------------------------------------------------- workflows
+@pytest.mark.slow
+def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
+    """model-zoo's unit-test chain: train (check_properties empty) -> models/model.pt -> evaluate -> resume,
+    then the real CLI infers a NIfTI volume, a DICOM series and a 2D image onto each input's own grid."""
+    from monai.transforms import LoadImage
+
+    b = work["bundle"]
+    models = b / "models"
+
+    train = _workflow(b, "train.json", "train", **TINY_TRAIN)
+    train.initialize()
+    assert train.check_properties() == []
+    train.run()
+    train.finalize()
+    model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in model.values())
+    assert set(model) == set(train.parser.get_parsed_content("network_def").state_dict())
+    state = torch.load(models / "train_state.pt", map_location="cpu", weights_only=True)
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"} and state["trainer"]["iteration"] == 1
+    assert sorted(p.name for p in models.iterdir() if p.name != ".gitkeep") == ["model.pt", "train_state.pt"]  # no temp files
+    assert list((b / "eval").glob("events.out.tfevents.*"))  # TensorBoard
+
+    evaluate = _workflow(b, ["train.json", "evaluate.json"], "train", **TINY)
+    evaluate.initialize()
+    assert evaluate.check_properties() == []
+    evaluate.run()
+    evaluate.finalize()
+    metrics = (b / "eval" / "metrics.csv").read_text()
+    assert "val_mean_dice" in metrics and "itk_kmeanstest_t1" in (b / "eval" / "val_mean_dice_raw.csv").read_text()
+
+    resumed = _workflow(b, "train.json", "train", **{**TINY_TRAIN, "epochs": 2, "resume": True})
+    resumed.initialize()
+    assert resumed.trainer.state.epoch == 1  # continues after the saved epoch
+    resumed.run()
+    resumed.finalize()
+    assert torch.load(models / "train_state.pt", map_location="cpu", weights_only=True)["trainer"]["iteration"] == 2
+
+    infer = _workflow(b, "inference.json", "infer", **TINY)
+    infer.initialize()
+    assert infer.check_properties() == []
+
+    out = work["root"] / "pred"
+    inputs = [HELD_OUT, work["inputs"] / "dicom_series", work["inputs"] / "slice2d.nii.gz"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", b, "--output_dir", out]
+    cmd += _cli_overrides({**TINY, "datalist": [str(p) for p in inputs]})
+    r = _run(cmd, cwd=b)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    pred = nib.load(out / "itk_kmeanstest_t1_seg.nii.gz")
+    ref = nib.load(HELD_OUT)
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1} and pred.get_data_dtype() == np.uint8
+
+    series = LoadImage(reader="ITKReader", image_only=True)(str(work["inputs"] / "dicom_series"))
+    pred = nib.load(out / "dicom_series_seg.nii.gz")
+    assert pred.shape == tuple(series.shape) and np.allclose(pred.affine, series.affine.numpy(), atol=1e-4)
+
+    pred = nib.load(out / "slice2d_seg.nii.gz")
+    ref = nib.load(work["inputs"] / "slice2d.nii.gz")
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_convert_then_torchrun_two_cpu_processes_with_frozen_pretrained_encoder(work, tmp_path):
+    """convert.json turns an official-layout ADE20K checkpoint into models/pretrained_encoder.pt; torchrun runs
+    train.json + multi_gpu_train.json with 2 CPU processes (gloo, DDP), loads that encoder strictly, trains
+    one epoch with it frozen and one unfrozen, and rank 0 saves models/model.pt."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from official_checkpoint import make_official_checkpoint
+
+    b = tmp_path / "bundle"
+    shutil.copytree(work["bundle"], b, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    (b / "models").mkdir()
+    src = make_official_checkpoint("vrwkv_adapter_tiny", tmp_path / "upernet_vrwkv_adapter_tiny_512_160k_ade20k.pth")
+
+    r = _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/convert.json", "--src", src], cwd=b)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    encoder = b / "models" / "pretrained_encoder.pt"
+    weights = torch.load(encoder, map_location="cpu", weights_only=True)
+    assert weights["spm.stem.0.weight"].shape[1] == 1  # adapted to the bundle's single input channel
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']"]
+    cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", "--bundle_root", b, "--dataset_dir", SAMPLE]
+    cmd += _cli_overrides({**TINY_TRAIN, "epochs": 2, "freeze_encoder_epochs": 1, "pretrained_encoder_path": str(encoder)})
+    r = _run(cmd, cwd=b, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "encoder (8.31 M parameters) frozen until the end of epoch 1" in log and "trainable" in log
+    assert (b / "models" / "model.pt").is_file()
+    saved = sorted(p.name for p in (b / "models").iterdir())
+    assert saved == ["model.pt", "pretrained_encoder.pt", "train_state.pt"]
+    model = torch.load(b / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in model)  # DDP wrapper not saved
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _write_4d(path: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.random.rand(24, 24, 12, 3).astype(np.float32), np.eye(4)), path)
+    return path
+
+
+def _write_nan(path: Path) -> Path:
+    vol = np.random.rand(24, 24, 12).astype(np.float32)
+    vol[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), path)
+    return path
+
+
+def _write_corrupt(path: Path) -> Path:
+    data = HELD_OUT.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # truncated gzip stream
+    return path
+
+
+def _write_empty_label(path: Path) -> Path:
+    lab = nib.load(SAMPLE / "labelsTr" / "colin27_t1.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), path)
+    return path
+
+
+BAD_IMAGES = {
+    "missing": (lambda p: p, "no such file or directory"),
+    "4d": (_write_4d, "4D volume"),
+    "nan": (_write_nan, "NaN"),
+    "corrupt": (_write_corrupt, "cannot read the 'image'"),
+}
+
+
+@pytest.fixture()
+def guarded(work, tmp_path):
+    """A bundle copy holding a models/model.pt and an earlier prediction that must survive failed runs."""
+    b = tmp_path / "bundle"
+    shutil.copytree(work["bundle"], b, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    (b / "models").mkdir()
+    (b / "eval").mkdir()
+    keep = {b / "models" / "model.pt": b"weights that must survive", b / "eval" / "itk_kmeanstest_t1_seg.nii.gz": b"an earlier result"}
+    for p, data in keep.items():
+        p.write_bytes(data)
+    yield b
+    for p, data in keep.items():
+        assert p.read_bytes() == data, f"{p} was modified by a failed run"
+    assert sorted(x.name for x in (b / "eval").iterdir()) == ["itk_kmeanstest_t1_seg.nii.gz"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_image_stops_inference_with_the_file_named(guarded, tmp_path, case):
+    make, reason = BAD_IMAGES[case]
+    bad = make(tmp_path / f"bad_{case}.nii.gz")
+    wf = _workflow(guarded, "inference.json", "infer", **TINY, datalist=[str(HELD_OUT), str(bad)])
+    with pytest.raises(RuntimeError) as e:
+        wf.initialize()
+        wf.run()
+    msg = _causes(e.value)
+    assert "VolumeError" in msg and f"{bad}: " in msg and reason in msg, msg
+
+
+def test_empty_label_stops_training_with_the_file_named(guarded, tmp_path):
+    label = _write_empty_label(tmp_path / "empty_label.nii.gz")
+    datalist = tmp_path / "dataset.json"
+    case = {"image": str(SAMPLE / "imagesTr" / "colin27_t1.nii.gz"), "label": str(label)}
+    datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
+    wf = _workflow(guarded, "train.json", "train", **TINY_TRAIN, datalist=str(datalist))
+    with pytest.raises(RuntimeError) as e:
+        wf.initialize()
+        wf.run()
+    msg = _causes(e.value)
+    assert f"{label}: the 'label' is empty (no foreground voxel)" in msg, msg
+
+
+@pytest.mark.slow
+def test_cli_reports_a_corrupt_file_by_name_and_keeps_outputs(guarded, tmp_path):
+    bad = _write_corrupt(tmp_path / "truncated.nii.gz")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", guarded]
+    cmd += _cli_overrides({**TINY, "datalist": [str(HELD_OUT), str(bad)]})
+    r = _run(cmd, cwd=guarded)
+    assert r.returncode != 0
+    assert f"VolumeError: {bad}: cannot read the 'image'" in r.stderr, r.stderr[-3000:]
+
+
+def test_load_volumed_accepts_good_inputs_and_names_label_problems(tmp_path):
+    from medurwkv.transforms import LoadVolumed, VolumeError, check_datalist
+
+    loader = LoadVolumed(keys=["image", "label"], label_keys="label", num_classes=2)
+    good = {"image": str(SAMPLE / "imagesTr" / "colin27_t1.nii.gz"), "label": str(SAMPLE / "labelsTr" / "colin27_t1.nii.gz")}
+    assert check_datalist([good], loader) == 1
+    lab = nib.load(good["label"])
+    three = tmp_path / "three_classes.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(lab.dataobj) * 2).astype(np.uint8), lab.affine), three)
+    with pytest.raises(VolumeError, match=f"{three}: the 'label' holds values 0..2; expected classes 0..1"):
+        loader({**good, "label": str(three)})
+    with pytest.raises(VolumeError, match="no cases"):
+        check_datalist([], loader)
+    dicom = LoadVolumed(keys="image")({"image": str(DICOM)})["image"]
+    assert tuple(dicom.shape) == (86, 87, 62)
+    held_out = nib.load(HELD_OUT)  # LSA: its third axis is coronal
+    coronal = tmp_path / "coronal2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(held_out.dataobj)[:, :, 30], held_out.affine), coronal)
+    with pytest.raises(VolumeError, match=f"{coronal}: the 'image' is a 2D image whose plane is not axial"):
+        LoadVolumed(keys="image")({"image": str(coronal)})
+
+
+# ----------------------------------------------------------------------------- library pieces used by the bundle
+def test_freeze_encoder_handler_freezes_then_unfreezes():
+    from ignite.engine import Engine, Events
+
+    from medurwkv.engines import FreezeEncoderHandler
+    from medurwkv.nets.medurwkv import MedURWKV
+
+    net = MedURWKV(1, 2, encoder="plain")
+    engine = Engine(lambda e, b: None)
+    FreezeEncoderHandler(net, epochs=1).attach(engine)
+    seen = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append([p.requires_grad for p in net.encoder_parameters()]))
+    engine.run([0], max_epochs=2)
+    assert not any(seen[0]) and all(seen[1])
+    assert all(p.requires_grad for n, p in net.named_parameters() if not n.startswith("encoder.backbone"))
+
+
+def test_atomic_checkpoint_saver_never_leaves_a_missing_or_partial_model(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+
+    from medurwkv.engines import AtomicCheckpointSaver
+
+    net = torch.nn.Linear(3, 2)
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True, key_metric_filename="model.pt")
+    engine = Engine(lambda e, b: None)
+    engine.state.metrics = {"dice": 0.5}
+    engine.state.key_metric_name = "dice"
+    saver.metrics_completed(engine)
+    first = (tmp_path / "model.pt").read_bytes()
+    engine.state.metrics = {"dice": 0.9}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # interrupted while writing the new best model
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        saver.metrics_completed(engine)
+    monkeypatch.undo()
+    assert (tmp_path / "model.pt").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_slice_wise_inferer_batches_slices_and_takes_2d():
+    from medurwkv.inferers import SliceWiseInferer
+
+    calls = []
+
+    def net(x):
+        calls.append(tuple(x.shape))
+        assert x.shape[-2:] == (32, 32)
+        return torch.cat([x, 1 - x], dim=1)
+
+    inferer = SliceWiseInferer(spatial_dim=2, roi_size=[32, 32], sw_batch_size=4)
+    out = inferer(torch.rand(1, 1, 20, 30, 10), net)
+    assert out.shape == (1, 2, 20, 30, 10) and calls[0] == (4, 1, 32, 32) and len(calls) == 3
+    calls.clear()
+    out = inferer(torch.rand(1, 1, 40, 30), net)
+    assert out.shape == (1, 2, 40, 30) and all(c[0] <= 4 for c in calls)
