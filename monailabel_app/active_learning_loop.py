@@ -1,0 +1,307 @@
+"""Active-learning loop from the command line, against a running Med-URWKV MONAI Label server.
+
+Each round does what an annotator does in 3D Slicer, with the correction simulated by the ground truth:
+
+    Next Sample (strategy) -> Auto Segmentation (infer) -> correct (= ground-truth mask) -> Submit Label -> Train
+
+and records the Dice of the prediction on the volume it was given (what the annotator had to correct) and,
+after training, the mean Dice on an evaluation set. The curve (Dice against the number of labeled volumes) is
+written as a PNG, and the numbers as JSON next to it.
+
+    # against a server that is already running (here: started with --studies sample_data)
+    python monailabel_app/active_learning_loop.py --server http://127.0.0.1:8000 \\
+        --labels sample_data/dataset.json --rounds 2 --max-epochs 10 --out al_curve.png
+
+    # or let the script start (and stop) a server on a free loopback port
+    python monailabel_app/active_learning_loop.py --studies ~/brain_studies --labels ~/brain_masks \\
+        --eval-images sample_data/imagesTs --eval-labels sample_data/labelsTs --out al_curve.png
+
+``--labels``: a folder with one ground-truth mask per studies image, named like the image (``<id>.nii.gz``), or
+a ``dataset.json`` whose entries pair images and labels (``--labels sample_data/dataset.json``); repeatable.
+``--eval-images``/``--eval-labels``: held-out volumes (sent as files, never added to the datastore); without
+them the evaluation set is the studies volumes that are still unlabeled (at most ``--eval-max``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+logger = logging.getLogger("active_learning_loop")
+
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def image_id(filename: str) -> str:
+    name = os.path.basename(filename)
+    for s in SUFFIXES:
+        if name.endswith(s):
+            return name[: -len(s)]
+    return os.path.splitext(name)[0]
+
+
+def index_folder(folder: Optional[str]) -> Dict[str, str]:
+    """``{id: path}`` of the volumes in a folder (ids as MONAI Label's local datastore makes them)."""
+    if not folder:
+        return {}
+    return {image_id(f): os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(SUFFIXES)}
+
+
+def ground_truth(sources: List[str]) -> Dict[str, str]:
+    """``{image id: mask path}`` from folders of masks named like their images, or MONAI ``dataset.json``
+    datalists (every ``{"image": ..., "label": ...}`` entry, paths relative to the json's folder)."""
+    truth: Dict[str, str] = {}
+    for src in sources:
+        if src.endswith(".json"):
+            with open(src) as f:
+                datalist = json.load(f)
+            base = os.path.dirname(os.path.abspath(src))
+            for items in datalist.values():
+                for item in items if isinstance(items, list) else []:
+                    if (
+                        isinstance(item, dict)
+                        and isinstance(item.get("image"), str)
+                        and isinstance(item.get("label"), str)
+                    ):
+                        truth.setdefault(image_id(item["image"]), os.path.join(base, item["label"]))
+        else:
+            truth.update(index_folder(src))
+    return truth
+
+
+def read_mask(path: str) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(path).dataobj) > 0
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks on the same grid (1.0 when both are empty)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {truth.shape}")
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
+
+
+def plot_curve(rows: List[dict], out_png: str, title: str = "Med-URWKV active learning") -> None:
+    """Dice against the number of labeled volumes: evaluation mean Dice and Dice on each new sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ev = [(r["labeled"], r["eval_dice"]) for r in rows if r.get("eval_dice") is not None]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="mean Dice, evaluation set (after training)")
+    nxt = [(r["labeled"] - 1, r["sample_dice"]) for r in rows if r.get("sample_dice") is not None]
+    if nxt:
+        ax.plot(*zip(*nxt), "s--", label="Dice on the next sample, before correction")
+    ax.set_xlabel("labeled volumes")
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1.02)
+    xs = [r["labeled"] for r in rows] + [x for x, _ in nxt]
+    if xs:
+        ax.set_xticks(range(min(xs), max(xs) + 1))
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if ev or nxt:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+class Loop:
+    def __init__(self, server: str, model: str, strategy: str, truth: Dict[str, str], tmpdir: str):
+        from monailabel.client import MONAILabelClient
+
+        self.client = MONAILabelClient(server, tmpdir=tmpdir)
+        self.model = model
+        self.strategy = strategy
+        self.truth = truth
+
+    def labeled_count(self) -> int:
+        return int(self.client.info().get("datastore", {}).get("completed", 0))
+
+    def predict(self, image: str = "", file: Optional[str] = None) -> Optional[np.ndarray]:
+        from monailabel.client.client import MONAILabelClientException
+
+        try:
+            out, _ = self.client.infer(self.model, image, {}, file=file)
+        except MONAILabelClientException as e:
+            if "Status: 409" in str(e.msg):  # no trained weights yet
+                return None
+            raise
+        try:
+            return read_mask(out)
+        finally:
+            os.remove(out)
+
+    def train(self, max_epochs: int, timeout: float) -> dict:
+        self.client.train_start(self.model, {"max_epochs": max_epochs})
+        start = time.time()
+        while True:
+            time.sleep(2.0)
+            status = self.client.train_status()
+            if status.get("status") not in ("SUBMITTED", "RUNNING"):
+                break
+            if time.time() - start > timeout:
+                self.client.train_stop()
+                raise TimeoutError(f"training did not finish within {timeout} s")
+        if status.get("status") != "DONE":
+            details = "\n".join(status.get("details", [])[-10:])
+            raise RuntimeError(f"training ended with {status.get('status')}:\n{details}")
+        return status
+
+    def evaluate(self, eval_set: Dict[str, str], eval_truth: Dict[str, str], max_cases: int) -> Optional[float]:
+        """Mean Dice over held-out files, or else over still-unlabeled datastore volumes."""
+        scores = []
+        if eval_set:
+            for i, path in list(eval_set.items())[:max_cases] if max_cases else eval_set.items():
+                pred = self.predict(file=path)
+                if pred is None:
+                    return None
+                scores.append(dice(pred, read_mask(eval_truth[i])))
+        else:
+            unlabeled = [
+                k for k, v in self.client.datastore().get("objects", {}).items() if "final" not in v.get("labels", {})
+            ]
+            for i in [u for u in unlabeled if u in self.truth][: max_cases or None]:
+                pred = self.predict(image=i)
+                if pred is None:
+                    return None
+                scores.append(dice(pred, read_mask(self.truth[i])))
+        return float(np.mean(scores)) if scores else None
+
+    def run(
+        self, rounds: int, max_epochs: int, eval_set, eval_truth, eval_max: int, train_timeout: float
+    ) -> List[dict]:
+        rows: List[dict] = []
+        for r in range(1, rounds + 1):
+            sample = self.client.next_sample(self.strategy, {})
+            if not sample or not sample.get("id"):
+                logger.info("No unlabeled volume left")
+                break
+            sid = sample["id"]
+            if sid not in self.truth:
+                raise KeyError(f"no ground truth for '{sid}' in --labels")
+            t0 = time.time()
+            pred = self.predict(image=sid)
+            sample_dice = dice(pred, read_mask(self.truth[sid])) if pred is not None else None
+            self.client.save_label(sid, self.truth[sid], tag="final")  # the simulated correction
+            self.train(max_epochs, train_timeout)
+            row = {
+                "round": r,
+                "sample": sid,
+                "uncertainty": sample.get("uncertainty", sample.get("mc_dropout_score")),
+                "sample_dice": sample_dice,
+                "labeled": self.labeled_count(),
+                "eval_dice": self.evaluate(eval_set, eval_truth, eval_max),
+                "seconds": round(time.time() - t0, 1),
+            }
+            rows.append(row)
+            logger.info(json.dumps(row))
+        return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(app: str, studies: str, conf: List[List[str]], timeout: float = 300.0):
+    """``python -m monailabel.main start_server`` on 127.0.0.1 and a free port; returns (process, url)."""
+    import requests
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    for k, v in conf:
+        cmd += ["--conf", k, v]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    proc.terminate()
+    raise TimeoutError(f"server did not answer within {timeout} s")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="URL of a running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--studies", help="start a server on these studies (127.0.0.1, free port)")
+    parser.add_argument("--app", default=os.path.dirname(os.path.abspath(__file__)), help="app dir (with --studies)")
+    parser.add_argument(
+        "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf (with --studies)"
+    )
+    parser.add_argument(
+        "--labels",
+        required=True,
+        action="append",
+        help="ground truth: a folder of masks named like the studies images, or a dataset.json (repeatable)",
+    )
+    parser.add_argument("--model", default="medurwkv")
+    parser.add_argument("--strategy", default="uncertainty")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--eval-images", help="held-out volumes (sent as files)")
+    parser.add_argument("--eval-labels", help="their ground-truth masks")
+    parser.add_argument("--eval-max", type=int, default=5, help="evaluate at most this many volumes (0: all)")
+    parser.add_argument("--train-timeout", type=float, default=3600.0)
+    parser.add_argument("--out", default="active_learning_dice.png", help="PNG; the numbers go to the same name .json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+
+    truth = ground_truth(args.labels)
+    eval_set, eval_truth = index_folder(args.eval_images), index_folder(args.eval_labels)
+    missing = sorted(set(eval_set) - set(eval_truth))
+    if missing:
+        parser.error(f"no --eval-labels mask for {missing}")
+
+    proc = None
+    server = args.server
+    if args.studies:
+        proc, server = start_server(args.app, args.studies, args.conf)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            loop = Loop(server, args.model, args.strategy, truth, tmp)
+            rows = loop.run(args.rounds, args.max_epochs, eval_set, eval_truth, args.eval_max, args.train_timeout)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    out_json = os.path.splitext(args.out)[0] + ".json"
+    with open(out_json, "w") as f:
+        json.dump(
+            {"server": server, "strategy": args.strategy, "max_epochs": args.max_epochs, "rounds": rows}, f, indent=2
+        )
+    plot_curve(rows, args.out, title=f"Med-URWKV active learning ({args.strategy})")
+    print(f"wrote {args.out} and {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

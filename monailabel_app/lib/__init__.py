@@ -1,0 +1,12 @@
+"""Med-URWKV MONAI Label app: thin adapters over the MONAI bundle in ``bundle/``.
+
+``configs/``        one TaskConfig per model (finds the bundle, creates its infer/train/scoring/strategy tasks)
+``infers/``         the infer task (bundle pre/post-processing and slice inferer; strict weights, AMP, hot reload)
+``trainers/``       the train task (bundle ``train.json`` over the datastore's final labels) and its progress handler
+``scoring/``        MC-dropout uncertainty per unlabeled volume, written into the datastore
+``activelearning/`` the ``uncertainty`` strategy (``first`` and ``random`` are MONAI Label's)
+``datastore.py``    the local datastore with label validation (shape, geometry and classes checked against the image)
+``imageio.py``      header-level image/label checks;  ``errors.py``: errors that reach clients as 4xx/5xx
+``studies.py``      ``--studies`` given as a dataset folder (``sample_data/``) is linked, not written into
+``server.py``       server-side adjustments: non-blocking ``/infer``, clear 4xx errors, loopback by default
+"""

@@ -1,0 +1,94 @@
+"""The Med-URWKV model of this app: where its bundle is, and the tasks built on it.
+
+Bundle lookup (first match wins): ``--conf bundle <dir>``, then ``<app>/model/bundle`` (a copy or symlink you
+manage yourself), then the repository's ``bundle/`` next to the app. The weights are the bundle's
+``models/model.pt``: training writes it, inference reloads it. Nothing is downloaded.
+
+``--conf`` keys read here (all optional): ``bundle``, ``preload`` (load the weights before serving; default:
+in the background), ``amp`` (GPU mixed precision, default true), ``infer_concurrency`` (requests segmented at
+once, default 2), ``max_epochs`` and ``val_split`` (training defaults shown in Slicer), ``pretrained_encoder``,
+``mc_dropout`` (dropout p for scoring, default 0.2), ``mc_passes`` (default 8), ``mc_slices`` (default 16),
+``reserve_s`` (seconds a volume handed out by ``uncertainty`` is skipped for others, default 600).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+from monailabel.interfaces.config import TaskConfig
+
+from ..activelearning import MostUncertain
+from ..infers import MedURWKVInfer
+from ..infers.medurwkv import weights_state
+from ..scoring import MCDropoutScoring
+from ..trainers import MedURWKVTrain
+
+logger = logging.getLogger(__name__)
+
+
+def bundle_candidates(app_dir: str, conf: Dict[str, str]) -> List[str]:
+    if conf.get("bundle"):
+        return [os.path.abspath(os.path.expanduser(conf["bundle"]))]
+    return [os.path.join(app_dir, "model", "bundle"), os.path.abspath(os.path.join(app_dir, os.pardir, "bundle"))]
+
+
+def find_bundle(app_dir: str, conf: Dict[str, str]) -> str:
+    candidates = bundle_candidates(app_dir, conf)
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "configs", "metadata.json")) and (
+            os.path.isfile(os.path.join(c, "configs", "inference.json"))
+            or os.path.isfile(os.path.join(c, "configs", "inference.yaml"))
+        ):
+            return c
+    raise FileNotFoundError(
+        "No Med-URWKV bundle found (needs configs/metadata.json and configs/inference.json) in: "
+        + ", ".join(candidates)
+        + ". Pass --conf bundle <path to the bundle directory>."
+    )
+
+
+class MedURWKVConfig(TaskConfig):
+    """Infer, train, scoring and strategy tasks over one Med-URWKV bundle."""
+
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner=None, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        app_dir = os.path.dirname(model_dir)
+        self.bundle_path = find_bundle(app_dir, conf)
+        with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
+            metadata = json.load(f)
+        pred = next(iter(metadata["network_data_format"]["outputs"].values()))
+        self.channel_def = {int(k): v for k, v in pred.get("channel_def", {}).items()}
+        self.labels = {v.lower(): k for k, v in self.channel_def.items() if v.lower() != "background"}
+        self.path = os.path.join(self.bundle_path, "models", "model.pt")
+        self.metadata = metadata
+        self._infer: Optional[MedURWKVInfer] = None
+
+    def weights(self) -> Dict:
+        return weights_state(self.path)
+
+    def infer(self) -> MedURWKVInfer:
+        if self._infer is None:
+            self._infer = MedURWKVInfer(self.bundle_path, self.conf)
+        return self._infer
+
+    def trainer(self) -> MedURWKVTrain:
+        return MedURWKVTrain(self.bundle_path, self.conf, name=self.name)
+
+    def scoring_method(self) -> Dict[str, MCDropoutScoring]:
+        p = float(self.conf.get("mc_dropout", "0.2"))
+        task = MedURWKVInfer(self.bundle_path, self.conf, dropout=p, mc_dropout=True)
+        method = MCDropoutScoring(
+            task, passes=int(self.conf.get("mc_passes", "8")), max_slices=int(self.conf.get("mc_slices", "16"))
+        )
+        return {"mc_dropout": method}
+
+    def strategy(self) -> Dict[str, MostUncertain]:
+        def stamp():
+            return self.weights().get("mtime_ns")
+
+        return {
+            "uncertainty": MostUncertain(reserve_s=int(self.conf.get("reserve_s", "600")), current_model_stamp=stamp)
+        }

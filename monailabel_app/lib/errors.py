@@ -1,0 +1,47 @@
+"""Errors that reach the client with a status code and a message a user can act on.
+
+They subclass FastAPI's ``HTTPException`` so that any endpoint that raises them (directly or from inside the
+app, the datastore or a task) answers with that status and ``{"detail": message}`` instead of a bare 500.
+Outside the server (training or scoring subprocesses, scripts) they are ordinary exceptions whose ``str()``
+is ``"<status>: <message>"``.
+"""
+
+from fastapi import HTTPException
+
+
+class AppError(HTTPException):
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(status_code=self.status, detail=message)
+        self.message = message
+
+
+class BadInput(AppError):
+    """The request's file or parameters cannot be used (unreadable image, label that does not fit its image)."""
+
+    status = 422
+
+
+class UnsupportedFile(AppError):
+    """The uploaded file is not an image format the app reads."""
+
+    status = 415
+
+
+class NotFound(AppError):
+    """Unknown image id, session or model."""
+
+    status = 404
+
+
+class ModelNotReady(AppError):
+    """No trained weights yet: inference is refused rather than serving a randomly initialised network."""
+
+    status = 409
+
+
+class WeightsError(AppError):
+    """``models/model.pt`` exists but cannot be loaded strictly into the bundle's ``network_def``."""
+
+    status = 500

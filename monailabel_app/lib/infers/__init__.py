@@ -1,0 +1,1 @@
+from .medurwkv import MedURWKVInfer  # noqa: F401

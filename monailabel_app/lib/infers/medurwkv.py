@@ -1,0 +1,357 @@
+"""Infer task: MONAI Label's ``BundleInferTask`` over ``bundle/configs/inference.json``, with what it lacks.
+
+What comes from the bundle, unchanged: ``network_def``, ``preprocessing``, ``inferer`` (a ``SliceInferer`` over
+axial slices, so a 3D volume goes through the 2D network in batches of ``sw_batch_size`` slices) and
+``postprocessing`` (minus ``SaveImaged``; MONAI Label writes the result itself). Label names come from
+``metadata.json`` (``outputs.pred.channel_def``, background dropped).
+
+What this class adds to the stock task:
+
+* **No weights, no predictions.** Without ``models/model.pt`` the model is still listed in ``/info/`` (so Slicer
+  shows it and its trainer) but its description says so and inference answers 409 with what to do, instead of
+  serving a randomly initialised network.
+* **Strict loading with a clear error.** ``load_state_dict(strict=True)``; a mismatch names the missing,
+  unexpected and mis-shaped keys (stock MONAI Label loads with ``strict=False`` and only warns).
+* **Hot reload.** The cached network is rebuilt when ``model.pt`` changes (mtime or size), so weights written by
+  training are used by the next request. A file caught mid-write is retried once.
+* **AMP on GPU** (bf16 where supported, else fp16; ``amp`` option), float32 on CPU.
+* **Concurrency control.** At most ``concurrency`` requests run at once in this task and the network runs one
+  batch at a time per device; together with ``lib.server`` (which moves ``/infer`` off the event loop) the
+  server keeps answering ``/info/`` while volumes are segmented.
+* **Input errors are the client's.** An unreadable volume fails at loading with HTTP 422 and the reader's message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from monai.inferers import Inferer, SliceInferer
+from monai.transforms import LoadImaged, SaveImaged
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.interfaces.utils.transform import run_transforms
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
+from monailabel.transform.pre import LoadImageTensord
+
+from ..errors import BadInput, ModelNotReady, WeightsError
+
+logger = logging.getLogger(__name__)
+
+
+def _root_message(e: BaseException, limit: int = 400) -> str:
+    """The innermost error of a chain (MONAI wraps transform errors several times)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    msg = f"{type(e).__name__}: {e}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def weights_state(path: str) -> Dict[str, Any]:
+    """What ``/info/`` and results report about the weights file."""
+    if not os.path.isfile(path):
+        return {"path": path, "available": False}
+    st = os.stat(path)
+    return {
+        "path": path,
+        "available": True,
+        "bytes": st.st_size,
+        "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)),
+        "mtime_ns": st.st_mtime_ns,
+    }
+
+
+def load_state_dict_file(path: str, device: str) -> Dict[str, torch.Tensor]:
+    """Tensor-only load (``weights_only=True``) of a raw state dict or ``{"model": state_dict}``."""
+    ckpt = torch.load(path, map_location=torch.device(device), weights_only=True)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        ckpt = ckpt["model"]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors (nor {{'model': state_dict}}).")
+    return ckpt
+
+
+def strict_load(network: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that says what differs."""
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+
+        def _few(keys):
+            return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            k = shapes[0]
+            parts.append(
+                f"shape mismatches {_few(shapes)}, e.g. {k}: file {list(state[k].shape)} vs network {list(own[k].shape)}"
+            )
+        raise WeightsError(
+            f"{path} does not fit the bundle's network_def: {'; '.join(parts)}. Was it trained with another "
+            f"variant/encoder/number of classes? Retrain from the app, or restore the matching model.pt."
+        )
+    network.load_state_dict(state, strict=True)
+
+
+class MedURWKVInfer(BundleInferTask):
+    """Segmentation with the bundle's Med-URWKV network (see the module docstring).
+
+    Args:
+        path: the bundle directory (``configs/inference.json``, ``configs/metadata.json``, ``models/``).
+        conf: the app's ``--conf`` dict (``amp``, ``infer_concurrency``).
+        dropout: decoder dropout set on the network (``> 0`` for MC-dropout scoring, with ``mc_dropout=True``).
+        mc_dropout: put only dropout layers in train mode (``medurwkv.nets.medurwkv.enable_mc_dropout``).
+    """
+
+    def __init__(self, path: str, conf: Dict[str, str], dropout: float = 0.0, mc_dropout: bool = False):
+        # BundleInferTask.__init__ is not called: it drops a bundle without weights and builds the network
+        # eagerly; the attributes its transform methods use are set here instead.
+        self.valid = False
+        self.const = BundleConstants()
+        self.pre_filter: Optional[Sequence] = None
+        self.post_filter: Optional[Sequence] = [SaveImaged]
+        self.extend_load_image = True
+        self.add_post_restore = True
+        self.dropout = dropout
+        self.mc_dropout = mc_dropout
+        self.displayable_configs: Dict[str, Any] = {}
+
+        configs = [c for c in self.const.configs() if os.path.exists(os.path.join(path, "configs", c))]
+        if not configs:
+            raise FileNotFoundError(f"No {' or '.join(self.const.configs())} in {os.path.join(path, 'configs')}")
+        self.bundle_path = path
+        self.bundle_config_path = os.path.join(path, "configs", configs[0])
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
+        self.bundle_config.config["use_click"] = False
+
+        with open(os.path.join(path, "configs", self.const.metadata_json())) as fp:
+            metadata = json.load(fp)
+        self.key_image, image_fmt = next(iter(metadata["network_data_format"]["inputs"].items()))
+        self.key_pred, pred_fmt = next(iter(metadata["network_data_format"]["outputs"].items()))
+        self.channel_def = {int(k): v for k, v in pred_fmt.get("channel_def", {}).items()}
+        labels = {v.lower(): k for k, v in self.channel_def.items() if v.lower() != "background"}
+        self.version = metadata.get("version")
+        self.bundle_name = metadata.get("name", os.path.basename(path))
+
+        # a 2D network applied slice by slice segments 3D volumes: that is the dimension clients see
+        inferer = (
+            self.bundle_config.get_parsed_content("inferer", instantiate=True)
+            if "inferer" in self.bundle_config
+            else None
+        )
+        net_dims = len(image_fmt.get("spatial_shape") or [0, 0, 0])
+        dimension = 3 if isinstance(inferer, SliceInferer) else net_dims
+        self._default_sw_batch_size = getattr(inferer, "sw_batch_size", None)
+
+        self._amp_default = str(conf.get("amp", "true")).lower() in ("1", "true", "yes")
+        self._semaphore = threading.BoundedSemaphore(max(1, int(conf.get("infer_concurrency", "2"))))
+        self._config_lock = threading.RLock()  # ConfigParser and sys.path edits are not thread-safe
+        self._network_lock = threading.Lock()  # building/reloading the cached networks
+        self._device_locks: Dict[str, threading.Lock] = {}
+        self._template: Optional[torch.nn.Module] = None
+
+        config: Dict[str, Any] = {"amp": self._amp_default}  # options shown in Slicer (developer mode)
+        if self._default_sw_batch_size is not None:
+            config["sw_batch_size"] = int(self._default_sw_batch_size)
+        BasicInferTask.__init__(
+            self,
+            path=os.path.join(path, "models", self.const.model_pytorch()),
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=labels,
+            dimension=dimension,
+            description=metadata.get("description", self.bundle_name),
+            load_strict=True,
+            config=config,
+            preload=False,
+            train_mode=False,
+            skip_writer=False,
+        )
+        self.valid = True
+
+    # ------------------------------------------------------------------ state reported to clients
+    @property
+    def weights_path(self) -> str:
+        return self.path[0]
+
+    def weights_available(self) -> bool:
+        return os.path.isfile(self.weights_path)
+
+    def is_valid(self) -> bool:
+        return self.valid
+
+    def info(self) -> Dict[str, Any]:
+        i = super().info()
+        weights = weights_state(self.weights_path)
+        i["weights"] = weights
+        i["bundle"] = {"path": self.bundle_path, "name": self.bundle_name, "version": self.version}
+        if not weights["available"]:
+            i["description"] = (
+                f"NO TRAINED WEIGHTS YET ({self.weights_path} is missing): inference is disabled. "
+                f"Submit labels, then run Train; the model becomes available when training saves its first "
+                f"checkpoint. ({self.description})"
+            )
+        return i
+
+    def _default_device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ------------------------------------------------------------------ bundle transforms, thread-safe
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        with self._config_lock:
+            return super().pre_transforms(data)
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        with self._config_lock:
+            return super().post_transforms(data)
+
+    def inferer(self, data=None) -> Inferer:
+        with self._config_lock:
+            i = copy.copy(super().inferer(data))  # the parsed inferer is shared; SliceInferer edits itself per call
+        sw = (data or {}).get("sw_batch_size")
+        if sw and hasattr(i, "sw_batch_size"):
+            i.sw_batch_size = max(1, int(sw))
+        return i
+
+    def run_pre_transforms(self, data: Dict[str, Any], transforms):
+        """Loading errors are input errors (422); everything after loading is the server's.
+
+        MONAI >= 1.5 ``Spacingd`` updates every ``<key>_*`` entry of the dict as a metadata dict, and MONAI
+        Label 0.8.5 puts the string ``image_path`` in it (AttributeError: 'str' object has no attribute
+        'update'): such non-dict entries are set aside while the transforms run.
+        """
+        transforms = list(transforms)
+        prefix = f"{self.input_key}_"
+        aside = {k: data.pop(k) for k in list(data) if k.startswith(prefix) and not isinstance(data[k], dict)}
+        try:
+            n_load = 0
+            while n_load < len(transforms) and isinstance(transforms[n_load], (LoadImageTensord, LoadImaged)):
+                n_load += 1
+            if n_load:
+                try:
+                    data = run_transforms(data, transforms[:n_load], log_prefix="PRE", use_compose=False)
+                except Exception as e:
+                    path = str(aside.get(f"{self.input_key}_path") or data.get(self.input_key))
+                    name = data.get("source_name") or os.path.basename(path)
+                    reason = _root_message(e).replace(path, name)  # no server paths in client messages
+                    raise BadInput(f"Could not read the image '{name}': {reason}") from None
+            data = super().run_pre_transforms(data, transforms[n_load:])
+        finally:
+            data.update(aside)
+        return data
+
+    # ------------------------------------------------------------------ network: strict, lazy, hot-reloaded
+    def _build_template(self) -> torch.nn.Module:
+        if self._template is None:
+            with self._config_lock:
+                net = self.bundle_config.get_parsed_content(self.const.key_network_def(), instantiate=True)
+            if self.dropout > 0:
+                net.dropout = self.dropout  # MedURWKV.dropout is a settable property (MC dropout)
+            self._template = net.cpu()
+        return self._template
+
+    def _get_network(self, device, data):
+        path = self.weights_path
+        for attempt in range(2):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise ModelNotReady(
+                    f"Model '{os.path.basename(self.bundle_path)}' has no trained weights yet ({path} is missing). "
+                    f"Submit labels (Submit Label in Slicer) and run Train: inference starts working as soon as "
+                    f"training saves its first checkpoint."
+                ) from None
+            stamp = (st.st_mtime_ns, st.st_size)
+            with self._network_lock:
+                cached = self._networks.get(device)
+                if cached and cached[1] == stamp:
+                    return cached[0]
+                try:
+                    state = load_state_dict_file(path, "cpu")
+                except WeightsError:
+                    raise
+                except Exception as e:  # truncated or mid-write file
+                    if attempt == 0:
+                        logger.warning(f"Could not read {path} ({_root_message(e)}); retrying once")
+                        time.sleep(1.0)
+                        continue
+                    raise WeightsError(f"{path} could not be loaded: {_root_message(e)}") from None
+                network = copy.deepcopy(self._build_template())
+                strict_load(network, state, path)
+                network.to(torch.device(device))
+                if self.mc_dropout:
+                    from medurwkv.nets.medurwkv import enable_mc_dropout
+
+                    enable_mc_dropout(network)
+                else:
+                    network.eval()
+                if cached:
+                    logger.info(f"Reloaded weights {path} (changed on disk) on {device}")
+                else:
+                    logger.info(f"Loaded weights {path} on {device}")
+                self._networks[device] = (network, stamp)
+                return network
+        raise AssertionError("unreachable")
+
+    def warm_up(self) -> None:
+        """Build the network, and load the weights if there are any (the server calls this at start)."""
+        try:
+            with self._network_lock:
+                self._build_template()
+            if self.weights_available():
+                self._get_network(self._default_device(), None)
+        except Exception as e:  # reported again, with its status, by the first inference
+            logger.warning(f"Warm-up failed: {e}")
+
+    def _device_lock(self, device: str) -> threading.Lock:
+        with self._network_lock:
+            return self._device_locks.setdefault(str(device), threading.Lock())
+
+    def amp_context(self, data: Optional[Dict[str, Any]], device: str):
+        """``torch.autocast`` on CUDA when ``amp`` is on (bf16 if supported, else fp16); nothing on CPU."""
+        amp = (data or {}).get("amp", self._amp_default)
+        amp = amp if isinstance(amp, bool) else str(amp).lower() in ("1", "true", "yes")
+        if amp and str(device).startswith("cuda") and torch.cuda.is_available():
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast(device_type="cuda", dtype=dtype)
+        return nullcontext()
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
+        self._get_network(device, data)  # fail fast (409/500) before taking the device
+        with self._device_lock(device), self.amp_context(data, device):
+            data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        pred = data[self.output_label_key]
+        if torch.is_tensor(pred) and pred.is_floating_point() and pred.dtype != torch.float32:
+            data[self.output_label_key] = pred.float()
+        return data
+
+    # ------------------------------------------------------------------ request
+    def __call__(self, request, callbacks=None) -> Tuple[Any, Dict]:
+        with self._semaphore:
+            return super().__call__(request, callbacks)
+
+    def writer(self, data: Dict[str, Any], extension=None, dtype=None) -> Tuple[Any, Any]:
+        source = str(data.get("image_path") or "")
+        if extension is None and not data.get("result_extension") and (not source or os.path.isdir(source)):
+            extension = ".nii.gz"  # a DICOM series (folder) has no extension to copy: answer with NIfTI
+        file, result = super().writer(data, extension=extension, dtype=dtype or data.get("result_dtype") or "uint8")
+        weights = weights_state(self.weights_path)
+        cached = self._networks.get(data.get("device"))
+        if cached:
+            weights["loaded_mtime_ns"] = cached[1][0]
+        result = dict(result or {})
+        result["weights"] = weights
+        return file, result

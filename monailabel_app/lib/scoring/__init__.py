@@ -1,0 +1,1 @@
+from .mc_dropout import MCDropoutScoring  # noqa: F401

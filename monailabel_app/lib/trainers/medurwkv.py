@@ -1,0 +1,194 @@
+"""Train task: MONAI Label's ``BundleTrainTask`` over ``bundle/configs/train.json``.
+
+MONAI Label runs it in a subprocess (``python -m monailabel.interfaces.utils.app -m train``), one at a time.
+The stock task already overrides the bundle's ``bundle_root``, ``device``, ``train#trainer#max_epochs``,
+``train#dataset#data`` / ``validate#dataset#data`` (the datastore's ``final`` labels) and ``train#handlers``;
+the bundle's validation ``CheckpointSaver`` then writes ``models/model.pt``, which the infer task hot-reloads.
+
+Changes to the stock task:
+
+* **Weights to start from.** With ``pretrained`` (default on) an existing ``models/model.pt`` is loaded
+  *strictly* (``CheckpointLoader(strict=True)``, tensor-only); without it the bundle's own initialisation is
+  used, which loads the pretrained Vision-RWKV encoder when the bundle has one (see the README). The stock task
+  crashes with ``pretrained=false`` (``os.path.exists(None)``) and loads non-strictly.
+* **Few labels.** Training with no final label fails at once with a message. With fewer labeled volumes than
+  the split needs, validation reuses the training volumes (it then monitors fit only), so that the
+  key-metric checkpoint (``model.pt``) is still written.
+* **Progress.** ``lib.trainers.progress.TrainProgress`` prints one line per iteration/epoch (shown by
+  ``GET /train/`` and the logs) and keeps ``models/train_stats.json`` for ``/info/`` ``train_stats``, which
+  3D Slicer uses for its training and accuracy bars.
+* **Devices.** CPU when there is no GPU; multi-GPU only with more than one GPU and a ``multi_gpu_train`` config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import device_list
+
+from ..errors import BadInput
+
+logger = logging.getLogger(__name__)
+
+STATS_FILE = "train_stats.json"
+
+
+class MedURWKVTrain(BundleTrainTask):
+    """Trains the bundle's network on the datastore's final labels (see the module docstring).
+
+    Args:
+        path: the bundle directory.
+        conf: the app's ``--conf`` dict (``max_epochs`` default for the UI, ``val_split``).
+        name: model name shown in progress lines.
+    """
+
+    def __init__(self, path: str, conf: Dict[str, str], name: str = "train"):
+        super().__init__(path, conf, enable_tracking=False, model_dict_key="model", load_strict=True)
+        if not self.valid:
+            raise FileNotFoundError(f"No train.json or train.yaml in {os.path.join(path, 'configs')}")
+        self.name = name
+        self.default_max_epochs = int(
+            conf.get("max_epochs") or self._bundle_int(self.const.key_train_trainer_max_epochs(), 50)
+        )
+        self.default_val_split = float(conf.get("val_split", "0.2"))
+        self.pretrained_encoder = conf.get("pretrained_encoder")
+        self._start_from_scratch = True
+        self._request: Dict[str, Any] = {}
+
+    def _bundle_int(self, key: str, default: int) -> int:
+        """An integer config value of the bundle, references resolved (``"@epochs"`` -> 100)."""
+        try:
+            return int(self.bundle_config.get_parsed_content(key, instantiate=False))
+        except Exception:
+            return default
+
+    def encoder_weights(self) -> Optional[str]:
+        """Pretrained encoder weights for a first training: ``--conf pretrained_encoder`` or the bundle's
+        ``models/pretrained_encoder.pt`` written by ``convert.json``. The bundle reads it with MONAI's
+        CheckpointLoader (``torch.load(weights_only=True)``), so it must be a torch file, not safetensors."""
+        if self.pretrained_encoder:
+            return os.path.abspath(os.path.expanduser(self.pretrained_encoder))
+        path = os.path.join(self.bundle_path, "models", "pretrained_encoder.pt")
+        return path if os.path.isfile(path) else None
+
+    @property
+    def stats_path(self) -> str:
+        return os.path.join(self.bundle_path, "models", STATS_FILE)
+
+    def config(self) -> Dict[str, Any]:
+        c = super().config()
+        c.update(
+            {
+                "device": device_list(),
+                "max_epochs": self.default_max_epochs,
+                "val_split": self.default_val_split,
+                "val_interval": self._bundle_int("val_interval", 1),
+                "multi_gpu": torch.cuda.device_count() > 1,
+                "tracking": ["None", "mlflow"],
+            }
+        )
+        return c
+
+    def stats(self) -> Dict[str, Any]:
+        try:
+            with open(self.stats_path) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _fetch_datalist(self, request, datastore: Datastore):
+        datalist = super()._fetch_datalist(request, datastore)
+        if not datalist:
+            raise BadInput(
+                "No volume has a final label yet: submit at least one corrected label (Submit Label) before training."
+            )
+        return datalist
+
+    def _partition_datalist(self, datalist, request, shuffle=False):
+        request = dict(request)
+        request.setdefault("val_split", self.default_val_split)
+        train_ds, val_ds = super()._partition_datalist(datalist, request, shuffle=shuffle)
+        if not train_ds:
+            train_ds = list(datalist)
+        if val_ds is not None and not val_ds:
+            logger.warning(
+                f"Only {len(datalist)} labeled volume(s): validation reuses the training volume(s), so the "
+                f"validation Dice measures fit, not generalisation."
+            )
+            val_ds = list(train_ds)
+        return train_ds, val_ds
+
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        self._start_from_scratch = not (pretrained and os.path.exists(model_pytorch))
+        if not pretrained:
+            logger.info("pretrained=false: starting from the bundle's initialisation")
+            return
+        if not os.path.exists(model_pytorch):
+            logger.info(
+                f"No {model_pytorch} yet: starting from the bundle's initialisation (pretrained encoder if configured)"
+            )
+            return
+        logger.info(f"Fine-tuning from {model_pytorch} (strict)")
+        if not [
+            t
+            for t in train_handlers
+            if isinstance(t, dict) and t.get("_target_") in ("CheckpointLoader", "monai.handlers.CheckpointLoader")
+        ]:
+            train_handlers.insert(
+                0,
+                {
+                    "_target_": "CheckpointLoader",
+                    "load_path": model_pytorch,
+                    "load_dict": {self.model_dict_key: f"$@{self.const.key_network()}"},
+                    "strict": True,
+                    "map_location": "cpu",
+                },
+            )
+
+    def _update_overrides(self, overrides):
+        # validate (and so write the key-metric checkpoint models/model.pt) at least once, also in short runs
+        max_epochs = int(overrides.get(self.const.key_train_trainer_max_epochs(), self.default_max_epochs))
+        if "val_interval" in self.bundle_config:
+            interval = int(self._request.get("val_interval") or self._bundle_int("val_interval", 1))
+            overrides["val_interval"] = max(1, min(interval, max_epochs))
+        # a first training (no model.pt to fine-tune) starts from the pretrained encoder when there is one
+        if self._start_from_scratch and "pretrained_encoder_path" in self.bundle_config:
+            encoder = self.encoder_weights()
+            if encoder:
+                if not os.path.isfile(encoder):
+                    raise BadInput(f"pretrained_encoder {encoder} does not exist")
+                logger.info(f"Starting from the pretrained encoder {encoder}")
+                overrides["pretrained_encoder_path"] = encoder
+            else:
+                logger.info("No pretrained encoder weights found: the encoder starts from random initialisation")
+        handlers = overrides.get(self.const.key_train_handlers())
+        if isinstance(handlers, list):
+            for h in handlers:  # tqdm bars redraw with \r: unreadable in /train/ details; our lines replace them
+                if isinstance(h, dict) and str(h.get("_target_", "")).endswith("ProgressBar"):
+                    h["disable"] = True
+            progress = {
+                "_target_": "lib.trainers.progress.TrainProgress",
+                "stats_file": self.stats_path,
+                "name": self.name,
+            }
+            if self.bundle_config.get("validate#evaluator") is not None:
+                progress["validator"] = "@validate#evaluator"
+            handlers.append(progress)
+        return overrides
+
+    def __call__(self, request, datastore: Datastore):
+        request = dict(request)
+        request.setdefault("max_epochs", self.default_max_epochs)
+        # the stock task edits the parsed config's handler list in place: start from the file every time
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
+        self._request = request
+        if not torch.cuda.is_available():
+            request["device"] = "cpu"
+            request["multi_gpu"] = False
+        return super().__call__(request, datastore)

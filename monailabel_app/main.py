@@ -1,0 +1,141 @@
+"""MONAI Label app for Med-URWKV brain extraction.
+
+    python -m monailabel.main start_server --app monailabel_app --studies <folder of NIfTI volumes>
+
+This file only wires things together: the model and its tasks come from ``lib/configs/medurwkv.py``, which
+wraps the MONAI bundle in ``bundle/`` (network, transforms, inferer, training recipe are the bundle's).
+See README.md for the commands, the 3D Slicer workflow and the ``--conf`` options.
+"""
+
+import logging
+import os
+import threading
+from typing import Any, Dict
+
+import medurwkv
+from lib.configs import MedURWKVConfig
+from lib.datastore import CheckedLocalDatastore
+from lib.errors import NotFound
+from lib.imageio import check_image_suffix
+from lib.scoring.mc_dropout import KEY_MODEL
+from lib.server import bind_loopback_by_default, make_infer_non_blocking
+from lib.studies import resolve_studies
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import strtobool
+
+logger = logging.getLogger(__name__)
+
+MODEL = "medurwkv"
+
+
+class MedURWKVApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        bind_loopback_by_default()
+        self.model = MedURWKVConfig()
+        self.model.init(MODEL, os.path.join(app_dir, "model"), conf)
+        logger.info(f"Med-URWKV bundle: {self.model.bundle_path}; weights: {self.model.path}")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Med-URWKV brain extraction",
+            description="Pure-RWKV U-Net (Med-URWKV) segmenting the brain in head MRI, slice by slice",
+            version=medurwkv.__version__,
+        )
+        make_infer_non_blocking()
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedLocalDatastore(
+            resolve_studies(self.studies, self.app_dir),  # a dataset folder (sample_data/) is linked, not written
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            label_values=self.model.channel_def,
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return {MODEL: self.model.infer()}
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        if strtobool(self.conf.get("skip_trainers", "false")):
+            return {}
+        return {MODEL: self.model.trainer()}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {**self.model.strategy(), "first": First(), "random": Random()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        if strtobool(self.conf.get("skip_scoring", "false")):
+            return {}
+        return self.model.scoring_method()
+
+    def info(self) -> Dict[str, Any]:
+        meta = super().info()
+        if not self.model.weights()["available"]:
+            meta["description"] = (
+                f"{self.description}. NO TRAINED WEIGHTS YET ({self.model.path}): submit labels and run Train."
+            )
+        return meta
+
+    def infer(self, request, datastore=None):
+        """Unknown image ids and non-volume files are the client's error (404/415), not a server crash."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise NotFound(f"Model '{model}' does not exist; available: {', '.join(self._infers) or 'none'}.")
+        image = request.get("image")
+        if isinstance(image, str):
+            if os.path.exists(image):  # an uploaded file or a session volume (a path on this server)
+                name = request.get("source_name") or os.path.basename(image)
+                check_image_suffix(image, f"the uploaded file '{name}'")
+            else:
+                ds = datastore if datastore else self.datastore()
+                if not ds.get_image_uri(image):
+                    raise NotFound(
+                        f"Image '{image}' is not in the datastore ({len(ds.list_images())} images); "
+                        f"upload it (PUT /datastore/image) or send it as a file or session."
+                    )
+        return super().infer(request, datastore)
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label re-scores after every training and every "Next Sample", each time in a new subprocess;
+        skip that when no unlabeled volume lacks a score for the current weights (or there are no weights)."""
+        if not method and not self._scoring_needed():
+            return {}
+        return super().async_scoring(method, params)
+
+    def _scoring_needed(self) -> bool:
+        if not self._scoring_methods:
+            return False
+        weights = self.model.weights()
+        if not weights["available"]:
+            logger.info("Uncertainty scoring skipped: no trained weights yet")
+            return False
+        ds = self.datastore()
+        return any(ds.get_image_info(i).get(KEY_MODEL) != weights["mtime_ns"] for i in ds.get_unlabeled_images())
+
+    def on_init_complete(self):
+        """Runs in the server only (not in training/scoring subprocesses)."""
+        super().on_init_complete()
+        task = self._infers[MODEL]
+        weights = self.model.weights()
+        if not weights["available"]:
+            logger.warning(
+                f"NO TRAINED WEIGHTS: {self.model.path} does not exist. The '{MODEL}' model is listed but "
+                f"refuses to segment (HTTP 409) until training has written it: submit labels, then Train."
+            )
+        else:
+            logger.info(f"Weights: {self.model.path} (modified {weights['modified']})")
+        if strtobool(self.conf.get("preload", "false")):
+            task.warm_up()
+        else:  # build the network (and load the weights) now, so that the first click does not wait for it
+            threading.Thread(target=task.warm_up, name="warm-up", daemon=True).start()

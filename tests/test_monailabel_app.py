@@ -1,0 +1,634 @@
+"""End-to-end tests of the MONAI Label app (monailabel_app/) against a real server process.
+
+One server (``python -m monailabel.main start_server``) runs for the whole module on 127.0.0.1 and a free port,
+over copies of the app and of the bundle in a temporary folder (nothing is written into the repository) and a
+studies folder of tiny volumes cut from sample_data/. Everything goes through
+``monailabel.client.MONAILabelClient``, as 3D Slicer's module does. The tests run in file order and build on
+each other (no weights -> first training -> inference -> load -> uncertainty -> killed training -> restart).
+
+For speed only, the bundle copy uses 64 x 64 slice windows (``roi_size``), 2 training slices per volume
+(``train#num_slices``) and no data-loader workers; everything else is the shipped bundle.
+
+Network: every process of the server (training and scoring subprocesses included) runs with a
+``sitecustomize`` that refuses and records any connection or name lookup outside loopback, which checks that
+startup is offline (no model-zoo, GitHub or SAM2 lookups).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "monailabel_app"
+BUNDLE = ROOT / "bundle"
+SAMPLE = ROOT / "sample_data"
+MODEL = "medurwkv"
+
+# id -> (source volume under sample_data/, crop in voxel indices); colin27 is RAS, the ITK head is LSA
+VOLUMES = {
+    "colin_a": ("colin27_t1", "Tr", ((14, 78), (22, 86), (40, 44))),
+    "colin_b": ("colin27_t1", "Tr", ((14, 78), (22, 86), (52, 56))),
+    "itk_c": ("itk_kmeanstest_t1", "Ts", ((32, 96), (30, 33), (8, 30))),
+}
+HELD_OUT = {"colin_eval": ("colin27_t1", "Tr", ((14, 78), (22, 86), (60, 63)))}
+
+NETGUARD = """
+import os, socket
+_log = os.environ.get("MEDURWKV_NETGUARD_LOG")
+_ok = ("127.", "::1", "localhost", "0.0.0.0", "::")
+def _check(host):
+    if host is None or isinstance(host, int):
+        return
+    h = host.decode() if isinstance(host, bytes) else str(host)
+    if h == "" or h.startswith(_ok):
+        return
+    if _log:
+        with open(_log, "a") as f:
+            f.write(f"{os.getpid()} {h}\\n")
+    raise OSError(f"network access to {h} refused by the test")
+_connect, _connect_ex, _gai = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _check(address[0])
+    return _connect(self, address)
+def connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _check(address[0])
+    return _connect_ex(self, address)
+def getaddrinfo(host, *args, **kwargs):
+    _check(host)
+    return _gai(host, *args, **kwargs)
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+"""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _load_app_module(name: str, path: Path):
+    """Import one file of the app without writing bytecode next to it (tests never write into the repo)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    flag, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = flag
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _crop(src: Path, box, dst: Path) -> None:
+    img = nib.load(str(src))
+    data = np.asanyarray(img.dataobj)[tuple(slice(a, b) for a, b in box)]
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ np.array([a for a, _ in box], dtype=float) + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(data, affine, img.header), str(dst))
+
+
+def _status(e) -> int:
+    m = re.search(r"Status: (\d+)", str(getattr(e, "msg", e)))
+    return int(m.group(1)) if m else -1
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
+    start = time.time()
+    while time.time() - start < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Server:
+    """``python -m monailabel.main start_server`` as a subprocess in its own process group."""
+
+    def __init__(self, root: Path, app: Path, studies: Path, bundle: Path, port: int, env: dict):
+        self.root, self.app, self.studies, self.bundle, self.port, self.env = root, app, studies, bundle, port, env
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = root / "server.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, host: Optional[str] = "127.0.0.1", conf: bool = True, timeout: float = 420.0) -> None:
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app)]
+        cmd += ["--studies", str(self.studies), "--port", str(self.port)]
+        if conf:  # without: the app finds the bundle next to it (<root>/app/../bundle), as in the repository
+            cmd += ["--conf", "bundle", str(self.bundle), "--conf", "mc_passes", "3", "--conf", "mc_slices", "3"]
+        if host:
+            cmd += ["--host", host]
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.root), start_new_session=True
+        )
+        log.close()
+        import requests
+
+        start = time.time()
+        while time.time() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=10).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group holds the server and its train/scoring children
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived the server (a training subprocess)
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+    def log(self, since_start: bool = False) -> str:
+        text = self.log_path.read_bytes() if self.log_path.exists() else b""
+        return text[self.log_start :].decode(errors="replace") if since_start else text.decode(errors="replace")
+
+    def listening_addresses(self) -> set:
+        import psutil
+
+        return {
+            c.laddr.ip
+            for c in psutil.Process(self.proc.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+
+
+class Ctx:
+    """Shared state of the module (paths, server, client, results carried from one test to the next)."""
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    from monailabel.client import MONAILabelClient
+
+    root = tmp_path_factory.mktemp("monailabel_app")
+    c = Ctx()
+    c.root = root
+    c.app = root / "app"
+    shutil.copytree(APP, c.app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    c.bundle = root / "bundle"
+    shutil.copytree(
+        BUNDLE, c.bundle, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt", "*.ts", "*.safetensors")
+    )
+    for name in ("inference.json", "train.json"):  # speed only: 64 x 64 windows, 2 training slices, no workers
+        path = c.bundle / "configs" / name
+        cfg = json.loads(path.read_text())
+        cfg["roi_size"] = [64, 64]
+        cfg["num_workers"] = 0
+        if "train" in cfg:
+            cfg["train"]["num_slices"] = 2
+        path.write_text(json.dumps(cfg, indent=2))
+    c.weights = c.bundle / "models" / "model.pt"
+
+    c.studies, c.gt = root / "studies", root / "gt"
+    c.eval_images, c.eval_labels = root / "eval_images", root / "eval_labels"
+    for d in (c.studies, c.gt, c.eval_images, c.eval_labels):
+        d.mkdir()
+    for vols, img_dir, lab_dir in ((VOLUMES, c.studies, c.gt), (HELD_OUT, c.eval_images, c.eval_labels)):
+        for vid, (src, split, box) in vols.items():
+            _crop(SAMPLE / f"images{split}" / f"{src}.nii.gz", box, img_dir / f"{vid}.nii.gz")
+            _crop(SAMPLE / f"labels{split}" / f"{src}.nii.gz", box, lab_dir / f"{vid}.nii.gz")
+
+    guard = root / "netguard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NETGUARD)
+    c.netlog = root / "network_attempts.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(guard)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["MEDURWKV_NETGUARD_LOG"] = str(c.netlog)
+    env["MONAI_LABEL_SESSION_PATH"] = str(root / "sessions")
+    env.pop("MONAI_LABEL_APP_CONF", None)
+    c.env = env
+
+    c.client_dir = root / "client"
+    c.client_dir.mkdir()
+    c.results = {}
+    c.server = Server(root, c.app, c.studies, c.bundle, _free_port(), env)
+    try:
+        c.server.start(host="127.0.0.1")
+        c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
+        yield c
+    finally:
+        c.server.stop()
+
+
+def _infer(c, image: str, **kw):
+    path, params = c.client.infer(MODEL, image, {}, **kw)
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj), img.affine, img.get_data_dtype(), params
+
+
+def _assert_same_grid(result_affine, result_shape, image_path: Path):
+    ref = nib.load(str(image_path))
+    assert tuple(result_shape) == tuple(ref.shape)
+    np.testing.assert_allclose(result_affine, ref.affine, atol=1e-4)
+
+
+def _train_status(c) -> dict:
+    return c.client.train_status()
+
+
+def _http(c, method: str, selector: str, body=None):
+    from monailabel.client.client import MONAILabelUtils
+
+    status, response, _, _ = MONAILabelUtils.http_method(method, c.server.url, selector, body)
+    try:
+        return status, json.loads(response) if response else None
+    except ValueError:  # a file
+        return status, response
+
+
+# ------------------------------------------------------------------------------------- no server needed
+def test_loop_script_dice_and_plot(tmp_path):
+    al = _load_app_module("al_loop", APP / "active_learning_loop.py")
+    a = np.zeros((4, 4, 2), bool)
+    b = a.copy()
+    a[:2], b[1:3] = True, True
+    assert al.dice(a, b) == pytest.approx(0.5)
+    assert al.dice(np.zeros(3), np.zeros(3)) == 1.0
+    assert al.image_id("x/colin27_t1.nii.gz") == "colin27_t1"
+    rows = [
+        {"labeled": 1, "sample_dice": None, "eval_dice": 0.41},
+        {"labeled": 2, "sample_dice": 0.45, "eval_dice": 0.62},
+        {"labeled": 3, "sample_dice": 0.60, "eval_dice": 0.71},
+    ]
+    out = tmp_path / "curve.png"
+    al.plot_curve(rows, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dataset_folder_as_studies_is_linked_not_written(tmp_path):
+    studies = _load_app_module("app_studies", APP / "lib" / "studies.py")
+    app = tmp_path / "app"
+    work = Path(studies.resolve_studies(str(SAMPLE), str(app)))
+    assert work == app / "model" / "studies" / "sample_data"
+    names = sorted(p.name for p in work.iterdir())
+    assert names == ["colin27_t1.nii.gz", "itk_kmeanstest_t1.nii.gz"]  # each listed image once
+    assert all((work / n).resolve().parent.parent == SAMPLE for n in names)
+    assert Path(studies.resolve_studies(str(SAMPLE), str(app))) == work  # idempotent (subprocesses redo it)
+    assert studies.resolve_studies(str(SAMPLE / "imagesTr"), str(app)) == str(SAMPLE / "imagesTr")  # plain folder
+
+
+# ------------------------------------------------------------------------------------- server, in order
+def test_info_lists_model_and_says_there_are_no_weights(ctx):
+    from monailabel.client.client import MONAILabelClientException
+
+    info = ctx.client.info()
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation"
+    assert model["labels"] == {"brain": 1}
+    assert model["dimension"] == 3
+    assert info["labels"] == ["brain"]
+    assert MODEL in info["trainers"]
+    assert {"uncertainty", "first", "random"} <= set(info["strategies"])
+    assert "mc_dropout" in info["scoring"]
+    assert model["weights"]["available"] is False
+    assert "NO TRAINED WEIGHTS" in model["description"] and "NO TRAINED WEIGHTS" in info["description"]
+    assert info["datastore"]["total"] == len(VOLUMES)
+
+    with pytest.raises(MONAILabelClientException) as e:
+        ctx.client.infer(MODEL, "colin_a", {})
+    assert _status(e.value) == 409 and "no trained weights" in e.value.msg
+    assert "NO TRAINED WEIGHTS" in ctx.server.log()
+
+
+def test_startup_is_offline_and_on_loopback(ctx):
+    assert not ctx.netlog.exists(), f"network lookups outside loopback: {ctx.netlog.read_text()}"
+    assert ctx.server.listening_addresses() == {"127.0.0.1"}
+    assert "runs in the worker-thread pool" in ctx.server.log()
+
+
+def test_bad_inputs_get_4xx_with_a_message(ctx):
+    from monailabel.client.client import MONAILabelClientException
+
+    bad = ctx.root / "bad"
+    bad.mkdir()
+    raw = (ctx.studies / "colin_a.nii.gz").read_bytes()
+    (bad / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (bad / "garbage.nii.gz").write_bytes(os.urandom(4096))
+    (bad / "notes.txt").write_text("not an image")
+    ref = nib.load(str(ctx.studies / "colin_a.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 2), np.uint8), ref.affine), str(bad / "small_label.nii.gz"))
+    wrong_values = np.zeros(ref.shape, np.uint8)
+    wrong_values[10:20, 10:20, :] = 3
+    nib.save(nib.Nifti1Image(wrong_values, ref.affine), str(bad / "class3_label.nii.gz"))
+    good_label = str(ctx.gt / "colin_a.nii.gz")
+
+    cases = [
+        (
+            "corrupt NIfTI (truncated gzip)",
+            lambda: ctx.client.infer(MODEL, "", {}, file=str(bad / "truncated.nii.gz")),
+            422,
+            "truncated.nii.gz",
+        ),
+        (
+            "corrupt NIfTI (not gzip)",
+            lambda: ctx.client.infer(MODEL, "", {}, file=str(bad / "garbage.nii.gz")),
+            422,
+            "garbage.nii.gz",
+        ),
+        (
+            "non-image file",
+            lambda: ctx.client.infer(MODEL, "", {}, file=str(bad / "notes.txt")),
+            415,
+            "not a supported volume",
+        ),
+        ("unknown image id", lambda: ctx.client.infer(MODEL, "no_such_image", {}), 404, "no_such_image"),
+        ("unknown model", lambda: ctx.client.infer("no_such_model", "colin_a", {}), 404, "no_such_model"),
+        ("unknown session", lambda: ctx.client.infer(MODEL, "x", {}, session_id="no-such-session"), 404, "Session"),
+        (
+            "label of the wrong shape",
+            lambda: ctx.client.save_label("colin_a", str(bad / "small_label.nii.gz"), tag="final"),
+            422,
+            "shape",
+        ),
+        (
+            "label with a class the model lacks",
+            lambda: ctx.client.save_label("colin_a", str(bad / "class3_label.nii.gz"), tag="final"),
+            422,
+            "not classes",
+        ),
+        (
+            "corrupt label",
+            lambda: ctx.client.save_label("colin_a", str(bad / "garbage.nii.gz"), tag="final"),
+            422,
+            "could not be read",
+        ),
+        (
+            "label for an unknown image",
+            lambda: ctx.client.save_label("no_such_image", good_label, tag="final"),
+            404,
+            "no_such_image",
+        ),
+    ]
+    for what, call, status, text in cases:
+        with pytest.raises(MONAILabelClientException) as e:
+            call()
+        assert _status(e.value) == status, f"{what}: {e.value.msg}"
+        assert text in e.value.msg, f"{what}: {e.value.msg}"
+        assert ctx.client.info()["name"], f"/info/ after {what}"
+    assert ctx.client.info()["datastore"]["completed"] == 0  # nothing bad was stored
+
+
+def test_active_learning_loop_first_training(ctx):
+    """The CLI loop: next sample -> infer (409, no weights yet) -> simulated correction -> submit -> train."""
+    out = ctx.root / "al" / "dice.png"
+    out.parent.mkdir()
+    cmd = [sys.executable, str(ctx.app / "active_learning_loop.py"), "--server", ctx.server.url]
+    cmd += ["--labels", str(ctx.gt), "--rounds", "1", "--max-epochs", "1", "--strategy", "uncertainty"]
+    cmd += ["--eval-images", str(ctx.eval_images), "--eval-labels", str(ctx.eval_labels), "--out", str(out)]
+    run = subprocess.run(cmd, env=ctx.env, capture_output=True, text=True, timeout=1100)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.with_suffix(".json").read_text())["rounds"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["sample"] in VOLUMES and row["labeled"] == 1
+    assert row["sample_dice"] is None  # there were no weights when the sample was handed out
+    assert 0.0 <= row["eval_dice"] <= 1.0
+    ctx.results["first_labeled"] = row["sample"]
+
+    # the training wrote the weights, reported progress, and /info/ now has them
+    assert ctx.weights.is_file()
+    status = _train_status(ctx)
+    assert status["status"] == "DONE"
+    info = ctx.client.info()
+    assert info["models"][MODEL]["weights"]["available"] is True
+    stats = info["train_stats"][MODEL]
+    assert stats["status"] == "DONE" and stats["total_epochs"] == 1 and "best_metric" in stats
+    log = ctx.server.log()
+    assert "[medurwkv] epoch 1/1 iteration 1/1" in log and "[medurwkv] finished 1 epoch(s)" in log
+
+
+def test_infer_same_grid_for_datastore_images_and_sessions(ctx):
+    for vid in ("colin_a", "itk_c"):  # RAS and LSA (coronal slices) volumes
+        data, affine, dtype, params = _infer(ctx, vid)
+        _assert_same_grid(affine, data.shape, ctx.studies / f"{vid}.nii.gz")
+        assert dtype == np.uint8 and set(np.unique(data)) <= {0, 1}
+        assert params["label_names"] == {"brain": 1}
+        assert params["weights"]["mtime_ns"] == ctx.weights.stat().st_mtime_ns
+        ctx.results[f"{vid}_first"] = data
+
+    # a volume loaded locally in Slicer goes up as a session
+    session = ctx.client.create_session(str(ctx.eval_images / "colin_eval.nii.gz"))["session_id"]
+    data, affine, _, _ = _infer(ctx, "colin_eval", session_id=session)
+    _assert_same_grid(affine, data.shape, ctx.eval_images / "colin_eval.nii.gz")
+    # and a volume sent as a file
+    data, affine, _, _ = _infer(ctx, "", file=str(ctx.eval_images / "colin_eval.nii.gz"))
+    _assert_same_grid(affine, data.shape, ctx.eval_images / "colin_eval.nii.gz")
+
+
+def test_twenty_concurrent_infers_while_info_answers(ctx):
+    from monailabel.client import MONAILabelClient
+
+    def one(i):
+        client = MONAILabelClient(ctx.server.url, tmpdir=str(ctx.client_dir))
+        t = time.time()
+        path, params = client.infer(MODEL, "itk_c", {"client_id": f"load-{i}"})
+        elapsed = time.time() - t
+        shape = nib.load(path).shape
+        os.remove(path)
+        return elapsed, shape
+
+    info_latency = []
+    start = time.time()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        futures = [pool.submit(one, i) for i in range(20)]
+        time.sleep(1.0)
+        while not all(f.done() for f in futures):
+            t = time.time()
+            ctx.client.info()
+            info_latency.append(time.time() - t)
+            time.sleep(0.5)
+        results = [f.result() for f in futures]
+    wall = time.time() - start
+    latencies = sorted(r[0] for r in results)
+    assert all(r[1] == nib.load(str(ctx.studies / "itk_c.nii.gz")).shape for r in results)
+    p50, p95 = float(np.percentile(latencies, 50)), float(np.percentile(latencies, 95))
+    report = {
+        "requests": 20,
+        "volume": "itk_c (64 x 3 x 22 voxels, 3 axial slices after RAS/2 mm)",
+        "p50_s": round(p50, 2),
+        "p95_s": round(p95, 2),
+        "max_s": round(latencies[-1], 2),
+        "wall_s": round(wall, 2),
+        "info_during_load": {"n": len(info_latency), "max_s": round(max(info_latency), 3) if info_latency else None},
+    }
+    (ctx.root / "load_report.json").write_text(json.dumps(report, indent=2))
+    print(f"\n20 concurrent infers: {json.dumps(report)}")
+    # /info/ kept answering while the volumes were segmented (the event loop was never blocked for an infer)
+    assert len(info_latency) >= 3
+    assert max(info_latency) < min(5.0, latencies[0]), info_latency
+
+
+def test_uncertainty_scores_and_next_sample(ctx):
+    weights_stamp = ctx.client.info()["models"][MODEL]["weights"]["mtime_ns"]
+    first = ctx.results["first_labeled"]
+    unlabeled = sorted(set(VOLUMES) - {first})
+
+    def scored():
+        objects = ctx.client.datastore()["objects"]
+        infos = {i: objects[i]["image"]["info"] for i in unlabeled}
+        if all(info.get("mc_dropout_model") == weights_stamp for info in infos.values()):
+            return infos
+        status, task = _http(ctx, "GET", "/scoring/")
+        if task and task.get("status") == "ERROR":
+            raise AssertionError(f"scoring failed: {task.get('details')}")
+        if status == 404 or (task and task.get("status") not in ("SUBMITTED", "RUNNING")):
+            _http(ctx, "POST", "/scoring/mc_dropout")  # the post-training scoring did not cover these weights
+        return None
+
+    infos = _wait(scored, 900, "MC-dropout scores for the current weights", interval=3.0)
+    scores = {i: info["mc_dropout_score"] for i, info in infos.items()}
+    for i, info in infos.items():
+        detail = info["mc_dropout"]
+        assert 0.0 <= scores[i] <= 1.0 and detail["passes"] == 3 and len(detail["slices"]) <= 3
+
+    sample = ctx.client.next_sample("uncertainty", {})
+    assert sample["id"] == max(scores, key=scores.get)
+    assert sample["uncertainty"] == pytest.approx(scores[sample["id"]])
+    assert sample["scored_with_current_weights"] is True
+    # the volume just handed out is reserved: the next request gets the next most uncertain one
+    second = ctx.client.next_sample("uncertainty", {})
+    assert second["id"] in unlabeled and second["id"] != sample["id"]
+
+
+def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
+    from monailabel.client.client import MONAILabelClientException
+
+    first = ctx.results["first_labeled"]
+    second = next(v for v in ("colin_a", "colin_b") if v != first)
+    ctx.client.save_label(second, str(ctx.gt / f"{second}.nii.gz"), tag="final")  # 2 volumes: 2 iterations/epoch
+    before = ctx.weights.stat().st_mtime_ns
+
+    ctx.client.train_start(MODEL, {"max_epochs": 3, "val_interval": 1})
+    _wait(lambda: _train_status(ctx)["status"] == "RUNNING", 60, "the training process", interval=0.2)
+    with pytest.raises(MONAILabelClientException) as e:  # one training at a time
+        ctx.client.train_start(MODEL, {"max_epochs": 1})
+    assert _status(e.value) == 429
+
+    def progressed(marker):
+        def check():
+            status = _train_status(ctx)
+            if status["status"] not in ("SUBMITTED", "RUNNING"):
+                raise AssertionError(f"training ended early: {status['status']}: {status.get('details')}")
+            return any(marker in line for line in status.get("details", [])) and status
+
+        return check
+
+    _wait(lambda: ctx.weights.stat().st_mtime_ns != before, 900, "the epoch-1 checkpoint", interval=0.5)
+    checkpoint = ctx.weights.stat().st_mtime_ns
+    _wait(progressed("epoch 2/3 iteration 1/2"), 600, "the middle of epoch 2", interval=0.5)
+    stopped = ctx.client.train_stop()
+    assert stopped["status"] == "STOPPED"
+
+    import psutil
+    import torch
+
+    def training_processes():
+        found = []
+        for p in psutil.Process(ctx.server.proc.pid).children(recursive=True):
+            try:
+                if "train" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    _wait(lambda: not training_processes(), 30, "the training process to exit")
+    assert ctx.weights.stat().st_mtime_ns == checkpoint  # the kill did not touch the saved weights
+    state = torch.load(str(ctx.weights), map_location="cpu", weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert not list(ctx.weights.parent.glob("tmp*")), "a partial checkpoint was left behind"
+
+    data, affine, _, params = _infer(ctx, "itk_c")  # hot-reloaded: the result now comes from the new weights
+    assert params["weights"]["mtime_ns"] == checkpoint
+    _assert_same_grid(affine, data.shape, ctx.studies / "itk_c.nii.gz")
+    assert not np.array_equal(data, ctx.results["itk_c_first"]), "the segmentation did not change with new weights"
+    ctx.results["labeled"] = {first, second}
+
+
+def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):
+    ctx.server.stop()
+    # the bare command: no --host (monailabel would listen on 0.0.0.0, the app makes it 127.0.0.1), no --conf
+    ctx.server.start(host=None, conf=False)
+    assert ctx.client.info()["models"][MODEL]["bundle"]["path"] == str(ctx.bundle)
+    assert ctx.server.listening_addresses() == {"127.0.0.1"}
+    assert "No --host given: listening on 127.0.0.1" in ctx.server.log(since_start=True)
+    objects = ctx.client.datastore()["objects"]
+    assert {i for i, o in objects.items() if "final" in o["labels"]} == ctx.results["labeled"]
+    assert ctx.client.info()["datastore"]["completed"] == 2
+    data, affine, _, _ = _infer(ctx, "colin_b")
+    _assert_same_grid(affine, data.shape, ctx.studies / "colin_b.nii.gz")
+    assert not ctx.netlog.exists(), f"network lookups outside loopback: {ctx.netlog.read_text()}"
+
+
+def test_slicer_local_volume_flow(ctx):
+    """Slicer with a locally loaded volume: Submit Label first uploads the volume, then saves the label."""
+    ctx.client.upload_image(str(ctx.eval_images / "colin_eval.nii.gz"), "colin_eval")
+    ctx.client.save_label("colin_eval", str(ctx.eval_labels / "colin_eval.nii.gz"), tag="final")
+    assert ctx.client.info()["datastore"]["completed"] == 3
+    status, _ = _http(ctx, "GET", "/datastore/image?image=colin_eval")  # what Next Sample downloads
+    assert status == 200
+    path = ctx.client.download_label("colin_eval", "final")
+    assert np.array_equal(
+        np.asanyarray(nib.load(path).dataobj),
+        np.asanyarray(nib.load(str(ctx.eval_labels / "colin_eval.nii.gz")).dataobj),
+    )
+
+
+def test_mismatched_weights_are_refused_with_a_clear_error(ctx):
+    import torch
+    from monailabel.client.client import MONAILabelClientException
+
+    state = torch.load(str(ctx.weights), map_location="cpu", weights_only=True)
+    dropped = sorted(state)[0]
+    state.pop(dropped)
+    tmp = ctx.weights.with_name("incomplete.pt.tmp")
+    torch.save(state, str(tmp))
+    os.replace(tmp, ctx.weights)  # as a training would publish it
+    with pytest.raises(MONAILabelClientException) as e:
+        ctx.client.infer(MODEL, "itk_c", {})
+    assert _status(e.value) == 500
+    assert "does not fit the bundle's network_def" in e.value.msg and dropped in e.value.msg
+    assert ctx.client.info()["models"][MODEL]["weights"]["available"] is True
