@@ -12,7 +12,9 @@ For each size (B, T, C) and each variant it measures:
 
 Variants:
 
-* ``torch``: ``bi_wkv_torch`` eager, float32.
+* ``torch``: ``bi_wkv_torch`` eager, float32 (the CPU path of ``bi_wkv``).
+* ``torch_chunked``: its range-proof chunked form, used for extreme decays or key ranges.
+* ``reference_fp64``: the float64 O(T^2) oracle ``bi_wkv_reference``, where it fits.
 * ``triton``: ``bi_wkv_triton`` with the default heuristics.
 * ``triton_nosplit``: the same kernels forced onto one chunk. Only run on sizes where the heuristics chose a
   T-split, to show what the split buys.
@@ -91,7 +93,13 @@ def time_ms(fn: Callable[[], object], device: str, rep_ms: float) -> float:
 
 
 def variants(device: str) -> dict[str, Callable[..., torch.Tensor]]:
-    out: dict[str, Callable[..., torch.Tensor]] = {"torch": bi_wkv_torch}
+    out: dict[str, Callable[..., torch.Tensor]] = {
+        "torch": bi_wkv_torch,
+        # the range-proof form that bi_wkv_torch switches to for extreme decays / key ranges
+        "torch_chunked": lambda w, u, k, v: bi_wkv_torch(w, u, k, v, method="chunked"),
+        # the float64 O(T^2) oracle, timed where it fits (the "reference vs fast path" comparison)
+        "reference_fp64": bi_wkv_reference,
+    }
     if device == "cuda":
         try:
             from medurwkv.ops.triton_biwkv import bi_wkv_triton
@@ -122,6 +130,8 @@ def bench_size(B: int, T: int, C: int, device: str, dtype: torch.dtype, rep_ms: 
     rows = []
     for name, fn in todo.items():
         if name == "triton_nosplit" and not split_cfg.split:
+            continue
+        if name == "reference_fp64" and not use_oracle:
             continue
         rec: dict = {"B": B, "T": T, "C": C, "variant": name, "dtype": str(dtype).removeprefix("torch.")}
         if name.startswith("triton") and split_cfg is not None:
@@ -205,16 +215,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Bi-WKV benchmark on {meta['device_name']} ({meta['date']}; torch {meta['torch']}, "
         f"triton {meta.get('triton', '–')}, {meta['threads']} threads)",
         "",
-        "| B, T, C | variant | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | peak MiB | max abs err (vs) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| B, T, C | variant | fwd ms | fwd+bwd ms | fwd ms / torch fwd ms | fwd GB/s | fwd+bwd GB/s | peak MiB | max abs err (vs) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    torch_fwd = {(r["B"], r["T"], r["C"]): r.get("fwd_ms") for r in rows if r["variant"] == "torch"}
     for r in rows:
+        base = torch_fwd.get((r["B"], r["T"], r["C"]))
+        ratio = r["fwd_ms"] / base if base and isinstance(r.get("fwd_ms"), float) else None
         err = f"{fmt(r.get('max_abs_err'), '.1e')} ({r.get('err_vs', '–')})"
         if "error" in r:
             err = f"failed: {r['error'][:80]}"
         lines.append(
             f"| {r['B']}, {r['T']}, {r['C']} | {r['variant']} | {fmt(r.get('fwd_ms'), '.3f')} | "
-            f"{fmt(r.get('fwd_bwd_ms'), '.3f')} | {fmt(r.get('fwd_GBps'), '.3g')} | {fmt(r.get('fwd_bwd_GBps'), '.3g')} | "
+            f"{fmt(r.get('fwd_bwd_ms'), '.3f')} | {fmt(ratio, '.2f')} | {fmt(r.get('fwd_GBps'), '.3g')} | {fmt(r.get('fwd_bwd_GBps'), '.3g')} | "
             f"{fmt(r.get('peak_MiB'), '.1f')} | {err} |"
         )
     return "\n".join(lines) + "\n"
@@ -226,7 +239,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--sizes", nargs="*", default=None, help="B,T,C triples (default: the standard list)")
-    ap.add_argument("--variants", default=None, help="comma-separated subset of torch,triton,triton_nosplit")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of torch,torch_chunked,reference_fp64,triton,triton_nosplit")
     ap.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement (default 200 CUDA, 1000 CPU)")
     ap.add_argument("--tune", action="store_true", help="CUDA: time a grid of Triton launch overrides instead")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results"))
