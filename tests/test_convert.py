@@ -13,7 +13,7 @@ from medurwkv.checkpoint import CheckpointError
 from medurwkv.convert import convert, detect_variant
 from medurwkv.nets.medurwkv import MedURWKV
 
-from test_vrwkv import randomize, to_official_layout
+from vrwkv_helpers import randomize, to_official_layout
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from medurwkv.checkpoint import CheckpointError
 from medurwkv.nets.medurwkv import MedURWKV, PatchExpand, PatchMerge, enable_mc_dropout
 
-from test_vrwkv import randomize, to_official_layout
+from vrwkv_helpers import randomize, to_official_layout
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])
