@@ -37,6 +37,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from medurwkv.visualize import dice_score as dice  # one Dice for the main job and this loop
+
 logger = logging.getLogger("active_learning_loop")
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -83,15 +85,6 @@ def read_mask(path: str) -> np.ndarray:
     import nibabel as nib
 
     return np.asanyarray(nib.load(path).dataobj) > 0
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks on the same grid (1.0 when both are empty)."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {truth.shape}")
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
 
 
 def plot_curve(rows: List[dict], out_png: str, title: str = "Med-URWKV active learning") -> None:

@@ -145,6 +145,15 @@ def _write_gz(path: Path, raw: bytes) -> None:
     path.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
 
 
+def _brain_volume_ml(brain: np.ndarray, aff: np.ndarray) -> float:
+    """Volume of the mask in ml; refuses an implausible adult brain (a wrong mask or grid)."""
+    vox_ml = abs(np.linalg.det(aff[:3, :3])) / 1000.0
+    vol_ml = float(brain.sum() * vox_ml)
+    if not 1000.0 < vol_ml < 2200.0:
+        raise ValueError(f"implausible brain volume {vol_ml:.0f} ml")
+    return vol_ml
+
+
 # ----------------------------------------------------------------------------- cases
 def build_colin27() -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
     src = SOURCES["colin27_t1"]
@@ -157,10 +166,7 @@ def build_colin27() -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
     if not np.array_equal(bet[brain], img[brain]):
         raise ValueError("ch2bet is not a masked copy of ch2")
     brain = _largest_component_filled(brain)
-    vox_ml = abs(np.linalg.det(aff[:3, :3])) / 1000.0
-    vol_ml = float(brain.sum() * vox_ml)
-    if not 1000.0 < vol_ml < 2200.0:
-        raise ValueError(f"implausible brain volume {vol_ml:.0f} ml")
+    vol_ml = _brain_volume_ml(brain, aff)
 
     img2 = np.clip(np.rint(_downsample2(img)), 0, 255).astype(np.uint8)
     lab2 = _downsample2(brain.astype(np.float64)) >= 0.5
@@ -179,10 +185,7 @@ def build_itk_kmeanstest() -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dic
     # ITK's own test (itkScalarImageKmeansImageFilter3DTest) takes values >= 5 of this
     # "3DSkullStrip" map as the brain clipping mask (values are 0, 4, 5, 6; 4 has 126 voxels).
     brain = _largest_component_filled(strip >= 5)
-    vox_ml = abs(np.linalg.det(aff[:3, :3])) / 1000.0
-    vol_ml = float(brain.sum() * vox_ml)
-    if not 1000.0 < vol_ml < 2200.0:
-        raise ValueError(f"implausible brain volume {vol_ml:.0f} ml")
+    vol_ml = _brain_volume_ml(brain, aff)
     if img.min() < -32768 or img.max() > 32767:
         raise ValueError("image does not fit int16")
     # Native grid is already modest (128 x 128 x 62 at 2 x 2 x 3 mm); it is kept as is so
