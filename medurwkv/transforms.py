@@ -29,7 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 from monai.utils import ensure_tuple
 
-__all__ = ["VolumeError", "LoadVolumed", "check_datalist"]
+__all__ = ["VolumeError", "LoadVolumed", "check_datalist", "OutputNames"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,3 +185,54 @@ def check_datalist(data: Iterable[Mapping[Hashable, Any]], loader: LoadVolumed, 
         raise
     logger.info(f"{name}: {len(items)} case(s) checked")
     return len(items)
+
+
+def _stem(path: str) -> str:
+    """The part of ``path``'s base name that MONAI's ``SaveImage`` keeps (``create_file_basename``): one extension
+    removed, two for ``.gz``."""
+    name, ext = os.path.splitext(os.path.basename(os.path.normpath(str(path))))
+    if ext == ".gz":
+        name, _ = os.path.splitext(name)
+    return name
+
+
+class OutputNames:
+    """``output_name_formatter`` for MONAI's ``SaveImage(d)`` that never lets two inputs of one run write the same file.
+
+    MONAI names an output after its input's base name, so ``case1/t1.nii.gz`` and ``case2/t1.nii.gz`` (or ``t1.nii``
+    beside ``t1.nii.gz``, or a DICOM folder ``t1`` beside ``t1.nii.gz``) would all become ``t1_seg.nii.gz`` and each
+    would silently overwrite the one before. Inputs whose base name is unique keep MONAI's usual name; inputs that
+    share one get, in front, the folder names below the folders they have in common (``case1_t1_seg.nii.gz``,
+    ``case2_t1_seg.nii.gz``), and a number where even the folders agree (``t1_1_seg``, ``t1_2_seg``).
+
+    ``datalist``: the run's inputs, as paths or as dicts holding the path under ``key``."""
+
+    def __init__(self, datalist: Iterable[Any], key: str = "image"):
+        paths = [item[key] if isinstance(item, Mapping) else item for item in datalist]
+        paths = [os.path.abspath(os.path.normpath(str(p))) for p in paths if isinstance(p, (str, os.PathLike))]
+        groups: dict = {}
+        for p in dict.fromkeys(paths):  # unique, in datalist order
+            groups.setdefault(_stem(p), []).append(p)
+        self.names: dict = {}
+        for stem, members in groups.items():
+            if len(members) == 1:
+                continue
+            parents = [os.path.dirname(p).split(os.sep) for p in members]
+            common = 0
+            while all(len(x) > common for x in parents) and len({x[common] for x in parents}) == 1:
+                common += 1
+            candidates = ["_".join([part for part in x[common:] if part] + [stem]) for x in parents]
+            if len(set(candidates)) < len(candidates):
+                candidates = [f"{c}_{i}" for i, c in enumerate(candidates, start=1)]
+            self.names.update(zip(members, candidates))
+        if self.names:
+            logger.info(f"inputs share base names; outputs renamed: {self.names}")
+
+    def __call__(self, metadict: Optional[Mapping], saver: Any) -> dict:
+        from monai.data.folder_layout import default_name_formatter
+
+        kw = default_name_formatter(dict(metadict) if metadict else {}, saver)
+        key = os.path.abspath(os.path.normpath(kw["subject"]))
+        if key in self.names:  # a ".nii.gz" that SaveImage strips again, so dots inside the new name survive
+            kw["subject"] = self.names[key] + ".nii.gz"
+        return kw

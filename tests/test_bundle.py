@@ -76,6 +76,8 @@ def work(tmp_path_factory):
     shutil.copytree(DICOM, inputs / "dicom_series")  # another name than the NIfTI case: outputs are named after inputs
     img = nib.load(SAMPLE / "imagesTr" / "colin27_t1.nii.gz")  # RAS: its third axis is axial
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 45], img.affine), inputs / "slice2d.nii.gz")
+    (inputs / "site_b").mkdir()  # same base name in another folder: must not overwrite the first one's output
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[8:-8, 4:-4, 50], img.affine), inputs / "site_b" / "slice2d.nii.gz")
     return {"root": root, "bundle": bundle, "inputs": inputs}
 
 
@@ -204,7 +206,7 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
     assert infer.check_properties() == []
 
     out = work["root"] / "pred"
-    inputs = [HELD_OUT, work["inputs"] / "dicom_series", work["inputs"] / "slice2d.nii.gz"]
+    inputs = [HELD_OUT, work["inputs"] / "dicom_series", work["inputs"] / "slice2d.nii.gz", work["inputs"] / "site_b" / "slice2d.nii.gz"]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", b, "--output_dir", out]
     cmd += _cli_overrides({**TINY, "datalist": [str(p) for p in inputs]})
     r = _run(cmd, cwd=b)
@@ -219,9 +221,13 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
     pred = nib.load(out / "dicom_series_seg.nii.gz")
     assert pred.shape == tuple(series.shape) and np.allclose(pred.affine, series.affine.numpy(), atol=1e-4)
 
-    pred = nib.load(out / "slice2d_seg.nii.gz")
-    ref = nib.load(work["inputs"] / "slice2d.nii.gz")
-    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-5)
+    for name, src in [("slice2d", "slice2d.nii.gz"), ("site_b_slice2d", "site_b/slice2d.nii.gz")]:
+        pred = nib.load(out / f"{name}_seg.nii.gz")
+        ref = nib.load(work["inputs"] / src)
+        assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-5), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["itk_kmeanstest_t1_seg.nii.gz", "dicom_series_seg.nii.gz", "slice2d_seg.nii.gz", "site_b_slice2d_seg.nii.gz"]
+    )
 
 
 @pytest.mark.slow
@@ -362,6 +368,27 @@ def test_load_volumed_accepts_good_inputs_and_names_label_problems(tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(held_out.dataobj)[:, :, 30], held_out.affine), coronal)
     with pytest.raises(VolumeError, match=f"{coronal}: the 'image' is a 2D image whose plane is not axial"):
         LoadVolumed(keys="image")({"image": str(coronal)})
+
+
+def test_output_names_keep_inputs_with_one_base_name_apart(tmp_path):
+    """MONAI names outputs after the input's base name; OutputNames renames only the inputs that would collide."""
+    from monai.transforms import SaveImage
+
+    from medurwkv.transforms import OutputNames
+
+    d = str(tmp_path)
+    inputs = [f"{d}/site_a/case1/t1.nii.gz", f"{d}/site_b/case1/t1.nii.gz", f"{d}/site_a/flair.nii.gz",
+              f"{d}/x/scan.nii", f"{d}/x/scan.nii.gz", f"{d}/x/scan", f"{d}/y/sub-01.ses-1.nii.gz"]
+    namer = OutputNames([{"image": p} for p in inputs])
+    saver = SaveImage(output_dir=tmp_path / "out", output_postfix="seg", separate_folder=False, output_name_formatter=namer,
+                      output_dtype=np.uint8, resample=False)
+    for i, p in enumerate(inputs):
+        saver(torch.full((1, 2, 2, 2), i), meta_data={"filename_or_obj": p, "affine": np.eye(4)})
+    written = {f.name: int(np.asarray(nib.load(f).dataobj)[0, 0, 0]) for f in (tmp_path / "out").iterdir()}
+    assert written == {
+        "site_a_case1_t1_seg.nii.gz": 0, "site_b_case1_t1_seg.nii.gz": 1, "flair_seg.nii.gz": 2,
+        "scan_1_seg.nii.gz": 3, "scan_2_seg.nii.gz": 4, "scan_3_seg.nii.gz": 5, "sub-01.ses-1_seg.nii.gz": 6,
+    }
 
 
 # ----------------------------------------------------------------------------- library pieces used by the bundle
