@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 
 __all__ = ["FreezeEncoderHandler", "AtomicCheckpointSaver", "ResumeTraining", "ProgressBar"]
@@ -98,6 +98,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
         engine_key: also save the state (epoch, iteration) of the engine this handler is attached to, under
             this key (e.g. ``"trainer"``, for resuming). A config cannot list the trainer in ``save_dict`` of
             one of its own handlers (circular reference), hence this option.
+        keep_incumbent: for fine-tuning runs that validate the weights they start from before training
+            (``ValidationHandler(exec_at_start=True)``: the evaluator's epoch is then 0). That score becomes the
+            score to beat and nothing is written, so a run that never does better than the model it started from
+            leaves ``key_metric_filename`` (e.g. ``models/model.pt``) as it was. Without it, the first validation
+            of every run overwrites the best file, even with a worse model. Needs ``key_metric_filename``.
         Other arguments: as ``monai.handlers.CheckpointSaver``. What is saved is each object's
         ``state_dict()`` (DDP/DataParallel unwrapped by ignite): tensors and plain Python values only,
         loadable with ``torch.load(weights_only=True)``.
@@ -109,12 +114,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
         save_dict: dict,
         interval_filename: Optional[str] = None,
         engine_key: Optional[str] = None,
+        keep_incumbent: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         if engine_key is not None and engine_key in save_dict:
             raise ValueError(f"engine_key {engine_key!r} is already a key of save_dict")
+        if keep_incumbent and not (kwargs.get("save_key_metric") and kwargs.get("key_metric_filename")):
+            raise ValueError("keep_incumbent needs save_key_metric=True and a fixed key_metric_filename")
         self.engine_key = engine_key
+        self.keep_incumbent = bool(keep_incumbent)
+        self.key_metric_filename = kwargs.get("key_metric_filename")
+        self.incumbent_score: Optional[float] = None
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is None:
                 continue
@@ -123,6 +134,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if ckpt is self._interval_checkpoint and interval_filename:
                 filename = interval_filename
             ckpt.save_handler = _AtomicDiskSaver(dirname=str(old.dirname), filename=filename)
+
+    def metrics_completed(self, engine: Engine) -> None:
+        ckpt = self._key_metric_checkpoint
+        if self.keep_incumbent and ckpt is not None and engine.state.epoch <= 0:  # validation before training
+            self.incumbent_score = float(ckpt.score_function(engine))
+            ckpt._saved = [Checkpoint.Item(self.incumbent_score, "<weights the run started from>")]
+            logger.info(
+                f"Validation before training: key metric {self.incumbent_score:.4f} for the starting weights; "
+                f"{self.key_metric_filename} is replaced only by a model that scores higher"
+            )
+            return
+        super().metrics_completed(engine)
 
     def attach(self, engine: Engine) -> None:
         if self.engine_key is not None:

@@ -231,6 +231,41 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
 
 
 @pytest.mark.slow
+def test_fine_tuning_that_does_worse_keeps_the_model_it_started_from(tmp_path):
+    """validate_start_weights: the starting weights are validated first and set the score to beat, so a run that
+    only makes the model worse (learning rate 10) leaves models/model.pt alone; without it, the worse model
+    overwrites the better one (MONAI's default, shown as the control)."""
+    b = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt", "*.ts", "*.safetensors"))
+    weights = b / "models" / "model.pt"
+
+    def train(start=None, **override):
+        wf = _workflow(b, "train.json", "train", **{**TINY_TRAIN, **override})
+        wf.initialize()
+        if start is not None:  # what MONAI Label's trainer does with a CheckpointLoader
+            wf.parser.get_parsed_content("network_def").load_state_dict(start)
+        wf.run()
+        evaluator = wf.parser.get_parsed_content("validate#evaluator")
+        saver = next(h for h in wf.parser.get_parsed_content("validate#handlers") if hasattr(h, "incumbent_score"))
+        result = (float(evaluator.state.metrics["val_mean_dice"]), evaluator.state.best_metric_epoch, saver.incumbent_score)
+        wf.finalize()
+        return result
+
+    train(epochs=3)
+    incumbent = torch.load(weights, map_location="cpu", weights_only=True)
+    last, best_epoch, incumbent_score = train(incumbent, learning_rate=10.0, validate_start_weights=True)
+    assert incumbent_score is not None and incumbent_score > 0.2 and last < incumbent_score - 0.1
+    assert best_epoch == 0
+    kept = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(torch.equal(kept[k], incumbent[k]) for k in incumbent)
+
+    last, best_epoch, incumbent_score = train(incumbent, learning_rate=10.0)  # control: MONAI's behaviour
+    assert incumbent_score is None and best_epoch == 1
+    replaced = torch.load(weights, map_location="cpu", weights_only=True)
+    assert not all(torch.equal(replaced[k], incumbent[k]) for k in incumbent)
+
+
+@pytest.mark.slow
 def test_convert_then_torchrun_two_cpu_processes_with_frozen_pretrained_encoder(work, tmp_path):
     """convert.json turns an official-layout ADE20K checkpoint into models/pretrained_encoder.pt; torchrun runs
     train.json + multi_gpu_train.json with 2 CPU processes (gloo, DDP), loads that encoder strictly, trains

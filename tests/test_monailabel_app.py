@@ -541,7 +541,9 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
     ctx.client.save_label(second, str(ctx.gt / f"{second}.nii.gz"), tag="final")  # 2 volumes: 2 iterations/epoch
     before = ctx.weights.stat().st_mtime_ns
 
-    ctx.client.train_start(MODEL, {"max_epochs": 3, "val_interval": 1})
+    # from the bundle's initialisation, so that the epoch-1 model is saved whatever its score (a fine-tuning run
+    # replaces model.pt only with a better model: see the next test)
+    ctx.client.train_start(MODEL, {"max_epochs": 3, "val_interval": 1, "pretrained": False})
     _wait(lambda: _train_status(ctx)["status"] == "RUNNING", 60, "the training process", interval=0.2)
     with pytest.raises(MONAILabelClientException) as e:  # one training at a time
         ctx.client.train_start(MODEL, {"max_epochs": 1})
@@ -586,6 +588,22 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
     _assert_same_grid(affine, data.shape, ctx.studies / "itk_c.nii.gz")
     assert not np.array_equal(data, ctx.results["itk_c_first"]), "the segmentation did not change with new weights"
     ctx.results["labeled"] = {first, second}
+
+
+def test_retraining_that_does_worse_keeps_the_served_model(ctx):
+    """Fine-tuning validates the served model first; a run that only does worse (learning rate 10) leaves
+    models/model.pt, and so what Slicer gets, as it was."""
+    before = ctx.weights.stat().st_mtime_ns
+    served, _, _, _ = _infer(ctx, "itk_c")
+    ctx.client.train_start(MODEL, {"max_epochs": 1, "val_interval": 1, "learning_rate": 10.0})
+    status = _wait(lambda: (s := _train_status(ctx))["status"] not in ("SUBMITTED", "RUNNING") and s, 600, "training")
+    details = "\n".join(status.get("details", []))
+    assert status["status"] == "DONE", details[-3000:]
+    assert re.search(r"current model before training: \S+ [0-9.]+; model.pt is replaced only", details), details[-3000:]
+    assert re.search(r"epoch 1/1 done in .*; best \S+ [0-9.]+ \(epoch 0\)", details), details[-3000:]  # still the start
+    assert ctx.weights.stat().st_mtime_ns == before
+    again, _, _, params = _infer(ctx, "itk_c")
+    assert params["weights"]["mtime_ns"] == before and np.array_equal(again, served)
 
 
 def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):

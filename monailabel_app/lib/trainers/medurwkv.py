@@ -11,6 +11,11 @@ Changes to the stock task:
   *strictly* (``CheckpointLoader(strict=True)``, tensor-only); without it the bundle's own initialisation is
   used, which loads the pretrained Vision-RWKV encoder when the bundle has one (see the README). The stock task
   crashes with ``pretrained=false`` (``os.path.exists(None)``) and loads non-strictly.
+* **Never a worse model.** A run that fine-tunes ``models/model.pt`` validates it first (the bundle's
+  ``validate_start_weights``): its score is the one to beat, so a run that does worse than the served model
+  (bad corrections, a learning rate too high, too few epochs) leaves ``model.pt`` as it was. Turn off with
+  ``keep_better_model: false`` in the request.
+* **Learning rate** from the request (``learning_rate``; default the bundle's).
 * **Few labels.** Training with no final label fails at once with a message. With fewer labeled volumes than
   the split needs, validation reuses the training volumes (it then monitors fit only), so that the
   key-metric checkpoint (``model.pt``) is still written.
@@ -68,6 +73,12 @@ class MedURWKVTrain(BundleTrainTask):
         except Exception:
             return default
 
+    def _bundle_float(self, key: str, default: float) -> float:
+        try:
+            return float(self.bundle_config.get_parsed_content(key, instantiate=False))
+        except Exception:
+            return default
+
     def encoder_weights(self) -> Optional[str]:
         """Pretrained encoder weights for a first training: ``--conf pretrained_encoder`` or the bundle's
         ``models/pretrained_encoder.pt`` written by ``convert.json``. The bundle reads it with MONAI's
@@ -90,6 +101,8 @@ class MedURWKVTrain(BundleTrainTask):
                 "val_split": self.default_val_split,
                 "val_interval": self._bundle_int("val_interval", 1),
                 "multi_gpu": torch.cuda.device_count() > 1,
+                "learning_rate": self._bundle_float("learning_rate", 3e-4),
+                "keep_better_model": True,
                 "tracking": ["None", "mlflow"],
             }
         )
@@ -157,6 +170,16 @@ class MedURWKVTrain(BundleTrainTask):
         if "val_interval" in self.bundle_config:
             interval = int(self._request.get("val_interval") or self._bundle_int("val_interval", 1))
             overrides["val_interval"] = max(1, min(interval, max_epochs))
+        if self._request.get("learning_rate") not in (None, "") and "learning_rate" in self.bundle_config:
+            lr = float(self._request["learning_rate"])
+            if not lr > 0:
+                raise BadInput(f"learning_rate must be a positive number, got {self._request['learning_rate']!r}")
+            overrides["learning_rate"] = lr
+        # fine-tuning: the served model's own validation score is the one to beat (no worse model.pt)
+        keep = str(self._request.get("keep_better_model", True)).lower() not in ("false", "0", "no")
+        if not self._start_from_scratch and keep and "validate_start_weights" in self.bundle_config:
+            overrides["validate_start_weights"] = True
+            logger.info("Fine-tuning: validating the current model first; model.pt is replaced only by a better one")
         # a first training (no model.pt to fine-tune) starts from the pretrained encoder when there is one
         if self._start_from_scratch and "pretrained_encoder_path" in self.bundle_config:
             encoder = self.encoder_weights()

@@ -94,6 +94,10 @@ class TrainProgress:
         n = engine.state.epoch_length
         device = getattr(engine.state, "device", None) or getattr(engine, "device", "")
         self._print(f"started: {engine.state.max_epochs} epoch(s) of {n} iteration(s) on {device}")
+        best, best_epoch = self._best()
+        if best is not None and best_epoch == 0:  # ValidationHandler(exec_at_start) ran before this handler
+            key = getattr(self.validator.state, "key_metric_name", None) or "metric"
+            self._print(f"current model before training: {key} {best:.4f}; model.pt is replaced only by a better one")
         self._save(engine, status="RUNNING")
 
     def iteration_completed(self, engine) -> None:
