@@ -64,7 +64,7 @@ class MedURWKVApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {MODEL: self.model.infer()}
+        return self.model.infers()
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         if strtobool(self.conf.get("skip_trainers", "false")):

@@ -322,6 +322,9 @@ def test_info_lists_model_and_says_there_are_no_weights(ctx):
     assert MODEL in info["trainers"]
     assert {"uncertainty", "first", "random"} <= set(info["strategies"])
     assert "mc_dropout" in info["scoring"]
+    clicks = info["models"][f"{MODEL}_clicks"]  # 3D Slicer lists deepgrow models under SmartEdit
+    assert clicks["type"] == "deepgrow" and clicks["labels"] == {"brain": 1} and clicks["dimension"] == 3
+    assert {"click_radius_mm", "click_spread_mm", "roi_margin_mm", "lamda", "sigma"} <= set(clicks["config"])
     assert model["weights"]["available"] is False
     assert "NO TRAINED WEIGHTS" in model["description"] and "NO TRAINED WEIGHTS" in info["description"]
     assert info["datastore"]["total"] == len(VOLUMES)
@@ -604,6 +607,40 @@ def test_retraining_that_does_worse_keeps_the_served_model(ctx):
     assert ctx.weights.stat().st_mtime_ns == before
     again, _, _, params = _infer(ctx, "itk_c")
     assert params["weights"]["mtime_ns"] == before and np.array_equal(again, served)
+
+
+def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
+    """What SmartEdit sends: voxel indices of the image as stored. Without clicks the answer is the automatic
+    segmentation; a foreground click outside it and a background click inside it flip those voxels, and nothing
+    farther than roi_margin_mm (30 mm) from a click changes."""
+    from monailabel.client.client import MONAILabelClientException
+
+    auto, affine, _, _ = _infer(ctx, "itk_c")
+    path, _ = ctx.client.infer(f"{MODEL}_clicks", "itk_c", {})
+    assert np.array_equal(np.asanyarray(nib.load(path).dataobj), auto)
+
+    from scipy import ndimage as ndi
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    bg = np.unravel_index(np.argmax(ndi.distance_transform_edt(auto > 0, sampling=spacing)), auto.shape)
+    fg = np.unravel_index(np.argmax(ndi.distance_transform_edt(auto == 0, sampling=spacing)), auto.shape)
+    assert np.linalg.norm((np.array(fg) - bg) * spacing) > 10  # two clicks apart (balls of 3 mm)
+    fg, bg = np.array(fg), np.array(bg)  # the labeled voxel deepest inside the mask, the unlabeled one farthest out
+    request = {"foreground": [fg.tolist()], "background": [bg.tolist()]}
+    path, _ = ctx.client.infer(f"{MODEL}_clicks", "itk_c", request)
+    img = nib.load(path)
+    got = np.asanyarray(img.dataobj)
+    _assert_same_grid(img.affine, got.shape, ctx.studies / "itk_c.nii.gz")
+    assert got[tuple(fg)] == 1 and got[tuple(bg)] == 0
+    grid = np.indices(auto.shape)
+    dist = np.minimum(*[np.sqrt(sum(((g - c) * sp) ** 2 for g, c, sp in zip(grid, q, spacing))) for q in (fg, bg)])
+    changed = got != auto
+    assert dist[changed].max() <= 30.0 + 1e-6
+
+    with pytest.raises(MONAILabelClientException) as e:
+        ctx.client.infer(f"{MODEL}_clicks", "itk_c", {"foreground": [[9999, 0, 0]]})
+    assert _status(e.value) == 422 and "foreground click [9999, 0, 0] is outside the image" in e.value.msg
+    assert ctx.client.info()["models"][MODEL]
 
 
 def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):

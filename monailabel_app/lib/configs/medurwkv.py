@@ -8,7 +8,9 @@ manage yourself), then the repository's ``bundle/`` next to the app. The weights
 in the background), ``amp`` (GPU mixed precision, default true), ``infer_concurrency`` (requests segmented at
 once, default 2), ``max_epochs`` and ``val_split`` (training defaults shown in Slicer), ``pretrained_encoder``,
 ``mc_dropout`` (dropout p for scoring, default 0.2), ``mc_passes`` (default 8), ``mc_slices`` (default 16),
-``reserve_s`` (seconds a volume handed out by ``uncertainty`` is skipped for others, default 600).
+``reserve_s`` (seconds a volume handed out by ``uncertainty`` is skipped for others, default 600), ``clicks``
+(also serve the click-guided correction model ``<name>_clicks``, default true) with ``click_radius_mm``,
+``click_roi_margin_mm``, ``click_spread_mm``, ``click_lamda``, ``click_sigma`` (see ``lib/infers/clicks.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional
 from monailabel.interfaces.config import TaskConfig
 
 from ..activelearning import MostUncertain
-from ..infers import MedURWKVInfer
+from ..infers import MedURWKVClicks, MedURWKVInfer
 from ..infers.medurwkv import weights_state
 from ..scoring import MCDropoutScoring
 from ..trainers import MedURWKVTrain
@@ -73,6 +75,13 @@ class MedURWKVConfig(TaskConfig):
         if self._infer is None:
             self._infer = MedURWKVInfer(self.bundle_path, self.conf)
         return self._infer
+
+    def infers(self) -> Dict[str, MedURWKVInfer]:
+        """The automatic model, and (unless ``--conf clicks false``) its click-guided correction ``<name>_clicks``."""
+        tasks = {self.name: self.infer()}
+        if str(self.conf.get("clicks", "true")).lower() not in ("false", "0", "no"):
+            tasks[f"{self.name}_clicks"] = MedURWKVClicks(self.bundle_path, self.conf, share=self.infer())
+        return tasks
 
     def trainer(self) -> MedURWKVTrain:
         return MedURWKVTrain(self.bundle_path, self.conf, name=self.name)
