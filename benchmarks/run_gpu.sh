@@ -6,9 +6,11 @@
 #      bf16/fp16 under autocast, dispatch);
 #   2. the float32 benchmark (all sizes; torch vs triton vs triton without T-split);
 #   3. a bf16 benchmark on two sizes;
-#   4. a small sweep of Triton launch overrides (tile length x warps) on three sizes.
+#   4. the Q-Shift + token-mix stage, official pad/cat form vs ours (bench_token_shift.py; needs timm);
+#   5. a small sweep of Triton launch overrides (tile length x warps) on three sizes.
 # Later steps run even when an earlier one fails. Results go to $OUT (default benchmarks/results):
-#   gpu_log.txt, bench_biwkv_cuda.{json,md}, bench_biwkv_cuda_bfloat16.{json,md}, bench_biwkv_tune.json
+#   gpu_log.txt, bench_biwkv_cuda.{json,md}, bench_biwkv_cuda_bfloat16.{json,md}, bench_token_shift_cuda.{json,md},
+#   bench_biwkv_tune.json
 # Usage, from anywhere:  OUT=/some/dir bash benchmarks/run_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +56,8 @@ step gpu-tests 270 $PY -m pytest -q -p no:cacheprovider -rs -o addopts="" \
 step bench-fp32 150 $PY benchmarks/bench_biwkv.py --device cuda --out "$OUT"
 step bench-bf16 60 $PY benchmarks/bench_biwkv.py --device cuda --dtype bfloat16 --rep-ms 100 \
     --sizes 8,1024,768 2,13824,96 --out "$OUT"
-step tune 90 $PY benchmarks/bench_biwkv.py --device cuda --tune --rep-ms 50 \
+step token-shift 30 $PY benchmarks/bench_token_shift.py --device cuda --out "$OUT"
+step tune 60 $PY benchmarks/bench_biwkv.py --device cuda --tune --rep-ms 50 \
     --sizes 16,196,192 8,1024,768 2,13824,96 --out "$OUT"
 echo "done $(date +%T)" >>"$LOG"
 tail -n 40 "$LOG"

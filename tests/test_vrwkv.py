@@ -41,29 +41,41 @@ def test_official_hyper_parameters():
     assert t.blocks[0].ln0 is not None and t.blocks[1].ln0 is None
 
 
-def test_q_shift_matches_explicit_loops():
-    B, H, W, C = 2, 3, 4, 10  # C not a multiple of 4: the last two channels pass through
-    x = torch.randn(B, H * W, C)
-    y = q_shift(x, (H, W))
+@pytest.mark.parametrize("H, W, s", [(3, 4, 1), (3, 4, 2), (1, 5, 1), (4, 1, 1), (2, 2, 3)])
+def test_q_shift_matches_explicit_loops(H, W, s):
+    B, C = 2, 10  # C not a multiple of 4: the last two channels pass through
+    x = torch.randn(B, H * W, C, requires_grad=True)
+    y = q_shift(x, (H, W), shift_pixel=s)
     g = int(C * 0.25)
     grid = x.view(B, H, W, C)
-    ref = torch.zeros_like(grid)
+    ref = torch.zeros(B, H, W, C)
     for i in range(H):
         for j in range(W):
             for c in range(C):
                 if c < g:
-                    ref[:, i, j, c] = grid[:, i, j - 1, c] if j > 0 else 0
+                    ref[:, i, j, c] = grid[:, i, j - s, c] if j - s >= 0 else 0
                 elif c < 2 * g:
-                    ref[:, i, j, c] = grid[:, i, j + 1, c] if j < W - 1 else 0
+                    ref[:, i, j, c] = grid[:, i, j + s, c] if j + s < W else 0
                 elif c < 3 * g:
-                    ref[:, i, j, c] = grid[:, i - 1, j, c] if i > 0 else 0
+                    ref[:, i, j, c] = grid[:, i - s, j, c] if i - s >= 0 else 0
                 elif c < 4 * g:
-                    ref[:, i, j, c] = grid[:, i + 1, j, c] if i < H - 1 else 0
+                    ref[:, i, j, c] = grid[:, i + s, j, c] if i + s < H else 0
                 else:
                     ref[:, i, j, c] = grid[:, i, j, c]
     assert torch.equal(y, ref.view(B, H * W, C))
+    w = torch.randn_like(y)  # gradients too: every input reaches the output position the loops put it in
+    assert torch.equal(torch.autograd.grad((y * w).sum(), x)[0], torch.autograd.grad((ref.view(B, H * W, C) * w).sum(), x)[0])
     with pytest.raises(ValueError, match="does not match"):
         q_shift(x, (H, W + 1))
+
+
+def test_token_mix_is_the_official_interpolation():
+    from medurwkv.nets.vrwkv import token_mix
+
+    x, xx = torch.randn(2, 7, 12, dtype=torch.float64), torch.randn(2, 7, 12, dtype=torch.float64)
+    mixes = [torch.rand(1, 1, 12, dtype=torch.float64) for _ in range(3)]
+    for got, m in zip(token_mix(x, xx, *mixes), mixes):
+        torch.testing.assert_close(got, x * m + xx * (1 - m), rtol=0, atol=1e-14)
 
 
 def test_position_embedding_resized_bicubic_without_antialias():

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -51,14 +50,25 @@ def q_shift(x: torch.Tensor, hw: Tuple[int, int], shift_pixel: int = 1, gamma: f
     g = int(C * gamma)
     s = shift_pixel
     x = x.reshape(B, H, W, C)
-    parts = [
-        F.pad(x[..., 0 * g : 1 * g], (0, 0, s, 0))[:, :, :W],  # from the left
-        F.pad(x[..., 1 * g : 2 * g], (0, 0, 0, s))[:, :, s:],  # from the right
-        F.pad(x[..., 2 * g : 3 * g], (0, 0, 0, 0, s, 0))[:, :H],  # from above
-        F.pad(x[..., 3 * g : 4 * g], (0, 0, 0, 0, 0, s))[:, s:],  # from below
-        x[..., 4 * g :],
-    ]
-    return torch.cat(parts, dim=-1).reshape(B, T, C)
+    out = torch.empty_like(x)  # one allocation, five slice copies and four border fills (no pad/cat copies)
+    w, h = max(W - s, 0), max(H - s, 0)
+    out[:, :, s:, 0:g] = x[:, :, :w, 0:g]  # from the left
+    out[:, :, :s, 0:g] = 0
+    out[:, :, :w, g : 2 * g] = x[:, :, s:, g : 2 * g]  # from the right
+    out[:, :, w:, g : 2 * g] = 0
+    out[:, s:, :, 2 * g : 3 * g] = x[:, :h, :, 2 * g : 3 * g]  # from above
+    out[:, :s, :, 2 * g : 3 * g] = 0
+    out[:, :h, :, 3 * g : 4 * g] = x[:, s:, :, 3 * g : 4 * g]  # from below
+    out[:, h:, :, 3 * g : 4 * g] = 0
+    out[..., 4 * g :] = x[..., 4 * g :]
+    return out.reshape(B, T, C)
+
+
+def token_mix(x: torch.Tensor, xx: torch.Tensor, *mixes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``x * m + xx * (1 - m)`` for each mix ratio ``m``, as ``xx + (x - xx) * m``: one shared subtraction and
+    one fused ``addcmul`` per ratio instead of four element-wise passes each."""
+    d = x - xx
+    return tuple(torch.addcmul(xx, d, m) for m in mixes)
 
 
 class SpatialMix(nn.Module):
@@ -89,9 +99,7 @@ class SpatialMix(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         T = x.shape[1]
         xx = q_shift(x, hw, self.shift_pixel, self.gamma)
-        xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
-        xv = x * self.spatial_mix_v + xx * (1 - self.spatial_mix_v)
-        xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
+        xk, xv, xr = token_mix(x, xx, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
         k, v, sr = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
         # decay and bonus are divided by the token count, exactly as the official wrapper calls its kernel
         y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
@@ -119,8 +127,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         xx = q_shift(x, hw, self.shift_pixel, self.gamma)
-        xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
-        xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
+        xk, xr = token_mix(x, xx, self.spatial_mix_k, self.spatial_mix_r)
         k = torch.square(torch.relu(self.key(xk)))
         if self.key_norm is not None:
             k = self.key_norm(k)
