@@ -18,7 +18,7 @@ from lib.datastore import CheckedLocalDatastore
 from lib.errors import NotFound
 from lib.imageio import check_image_suffix
 from lib.scoring.mc_dropout import KEY_MODEL
-from lib.server import bind_loopback_by_default, make_infer_non_blocking
+from lib.server import bind_loopback_by_default, make_infer_non_blocking, one_training_at_a_time
 from lib.studies import resolve_studies
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -51,6 +51,7 @@ class MedURWKVApp(MONAILabelApp):
             version=medurwkv.__version__,
         )
         make_infer_non_blocking()
+        one_training_at_a_time()
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):

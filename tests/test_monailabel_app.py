@@ -547,6 +547,9 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
     # from the bundle's initialisation, so that the epoch-1 model is saved whatever its score (a fine-tuning run
     # replaces model.pt only with a better model: see the next test)
     ctx.client.train_start(MODEL, {"max_epochs": 3, "val_interval": 1, "pretrained": False})
+    with pytest.raises(MONAILabelClientException) as e:  # a quick second click, before the process exists
+        ctx.client.train_start(MODEL, {"max_epochs": 1})
+    assert _status(e.value) == 429
     _wait(lambda: _train_status(ctx)["status"] == "RUNNING", 60, "the training process", interval=0.2)
     with pytest.raises(MONAILabelClientException) as e:  # one training at a time
         ctx.client.train_start(MODEL, {"max_epochs": 1})

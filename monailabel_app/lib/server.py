@@ -13,7 +13,12 @@ monailabel 0.8.5 has two behaviours this app cannot accept and no setting to cha
    (uvicorn opens its sockets only after the app has started, so this is in time). An explicit
    ``--host 0.0.0.0`` is respected, with a warning.
 
-Both only touch objects that exist in the server process; in training/scoring subprocesses they do nothing.
+3. ``POST /train/{model}`` refuses a second training (429) only once the first one's process is registered,
+   which happens in a worker thread after the request has been answered; two quick *Train* clicks therefore
+   queue a second full training behind the first. :func:`one_training_at_a_time` also counts a training that
+   was submitted in the last minutes and has not started its process yet.
+
+All only touch objects that exist in the server process; in training/scoring subprocesses they do nothing.
 (No ``from __future__ import annotations`` here: FastAPI must see the endpoint's real annotation objects.)
 """
 
@@ -22,6 +27,8 @@ import json
 import logging
 import os
 import sys
+import threading
+from datetime import datetime
 from typing import Optional
 
 logger = logging.getLogger(__name__)
@@ -162,4 +169,49 @@ def make_infer_non_blocking() -> bool:
     infer_endpoint.api_run_inference = api_run_inference
     app_module.app.openapi_schema = None
     logger.info("POST /infer/{model} runs in the worker-thread pool: the server stays responsive during inference")
+    return True
+
+
+SUBMIT_WINDOW_S = 300  # a submitted task that has not started its process after this long is not waited for
+
+
+def one_training_at_a_time() -> bool:
+    """Make ``AsyncTask.run("train", ...)`` (what ``POST /train/{model}`` calls) atomic: while a training is
+    submitted (not started yet) or running, a new one is refused with monailabel's own "Already Running" answer
+    (HTTP 429), instead of being queued behind it (see module doc, point 3)."""
+    if sys.modules.get("monailabel.app") is None:
+        return False
+    from monailabel.utils.async_tasks import task as task_module
+    from monailabel.utils.async_tasks.utils import processes, tasks
+
+    original = task_module.AsyncTask.run
+    if getattr(original, "_one_at_a_time", False):
+        return True
+    lock = threading.Lock()
+
+    def pending(method: str) -> bool:
+        now = datetime.today()
+        for t in tasks(method):
+            if t.get("status") != "SUBMITTED":
+                continue
+            try:
+                age = (now - datetime.strptime(t.get("start_ts", ""), "%Y-%m-%d %H:%M:%S")).total_seconds()
+            except ValueError:
+                continue
+            if age < SUBMIT_WINDOW_S:
+                return True
+        return False
+
+    def run(method, request=None, params=None, force_sync=False, enqueue=False):
+        if method != "train" or enqueue or force_sync:
+            return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+        with lock:
+            if len(processes(method)) or pending(method):
+                description = f"++++++++++ {method.capitalize()} Task is Already Running (or about to start)"
+                logger.info(description)
+                return None, description
+            return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+
+    run._one_at_a_time = True  # type: ignore[attr-defined]
+    task_module.AsyncTask.run = staticmethod(run)
     return True
