@@ -21,6 +21,7 @@ import os
 from typing import Dict, List, Optional
 
 from monailabel.interfaces.config import TaskConfig
+from monailabel.utils.others.generic import strtobool
 
 from ..activelearning import MostUncertain
 from ..infers import MedURWKVClicks, MedURWKVInfer
@@ -79,7 +80,7 @@ class MedURWKVConfig(TaskConfig):
     def infers(self) -> Dict[str, MedURWKVInfer]:
         """The automatic model, and (unless ``--conf clicks false``) its click-guided correction ``<name>_clicks``."""
         tasks = {self.name: self.infer()}
-        if str(self.conf.get("clicks", "true")).lower() not in ("false", "0", "no"):
+        if strtobool(self.conf.get("clicks", "true")):
             tasks[f"{self.name}_clicks"] = MedURWKVClicks(self.bundle_path, self.conf, share=self.infer())
         return tasks
 

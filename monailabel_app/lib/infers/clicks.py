@@ -58,12 +58,9 @@ def parse_clicks(request: Dict[str, Any]) -> Tuple[List[List[int]], List[List[in
             if not isinstance(p, (list, tuple)) or len(p) not in (2, 3):
                 raise BadInput(f"{key} click {p!r} is not a voxel index [i, j, k]")
             try:
-                q = [int(round(float(x))) for x in p]
+                parsed.append([int(round(float(x))) for x in p])
             except (TypeError, ValueError):
                 raise BadInput(f"{key} click {p!r} is not a voxel index [i, j, k]") from None
-            if any(abs(float(x) - v) > 1e-3 for x, v in zip(p, q)):
-                logger.debug(f"{key} click {p} rounded to {q}")
-            parsed.append(q)
         out.append(parsed)
     return out[0], out[1]
 
@@ -119,23 +116,22 @@ class ClickRefined(MapTransform):
             spatial = arr.shape[1:]
             clicks = []
             for kind, points in ((FG_SCRIBBLE, fg), (BG_SCRIBBLE, bg)):
-                for p in points:
-                    q = list(p) + [0] * (len(spatial) - len(p)) if len(p) < len(spatial) else list(p)
-                    if len(q) != len(spatial) or any(x != 0 for x in q[len(spatial):]):
-                        raise BadInput(f"click {p} does not fit a {len(spatial)}D image of size {list(spatial)}")
-                    q = q[: len(spatial)]
+                name = "foreground" if kind == FG_SCRIBBLE else "background"
+                for point in points:
+                    q = point[:2] if len(spatial) == 2 and len(point) == 3 and point[2] == 0 else point  # 2D: [i, j, 0]
+                    if len(q) != len(spatial):
+                        raise BadInput(f"{name} click {point} does not fit a {len(spatial)}D image of size {list(spatial)}")
                     if any(not 0 <= x < n for x, n in zip(q, spatial)):
-                        name = "foreground" if kind == FG_SCRIBBLE else "background"
-                        raise BadInput(f"{name} click {p} is outside the image (size {list(spatial)})")
+                        raise BadInput(f"{name} click {point} is outside the image (size {list(spatial)})")
                     clicks.append((kind, np.array(q)))
-            p = self._params(d)
+            opt = self._params(d)
             affine = getattr(prob, "affine", None)
             affine = np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
             spacing = np.linalg.norm(affine[: len(spatial), : len(spatial)], axis=0)
             spacing = np.where(spacing > 0, spacing, 1.0)
 
             pts = np.stack([q for _, q in clicks])
-            margin = np.ceil((p["roi_margin_mm"] + p["click_radius_mm"]) / spacing).astype(int)
+            margin = np.ceil((opt["roi_margin_mm"] + opt["click_radius_mm"]) / spacing).astype(int)
             lo = np.maximum(pts.min(0) - margin, 0)
             hi = np.minimum(pts.max(0) + margin + 1, spatial)
             box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -144,21 +140,21 @@ class ClickRefined(MapTransform):
             dist2 = [sum(((g - c) * sp) ** 2 for g, c, sp in zip(grid, q, spacing)) for _, q in clicks]  # mm^2
             auto = arr[(1,) + box] > arr[(0,) + box]
             # only voxels within roi_margin_mm of a click may change: elsewhere the automatic label is a constraint
-            near = np.min(dist2, axis=0) <= p["roi_margin_mm"] ** 2
+            near = np.min(dist2, axis=0) <= opt["roi_margin_mm"] ** 2
             scribbles = np.where(auto, FG_SCRIBBLE, BG_SCRIBBLE).astype(np.float32)
             scribbles[near] = 0
             balls = []
             for (kind, q), d2 in zip(clicks, dist2):
-                ball = d2 <= p["click_radius_mm"] ** 2
+                ball = d2 <= opt["click_radius_mm"] ** 2
                 ball[tuple(q - lo)] = True
                 scribbles[ball] = kind
                 balls.append((kind, ball))
 
             prob_box = arr[(slice(None),) + box].copy()
-            if p["click_spread_mm"] > 0:  # Gaussian click maps pull the probability of the click's class up
+            if opt["click_spread_mm"] > 0:  # Gaussian click maps pull the probability of the click's class up
                 pull = {kind: np.zeros(auto.shape) for kind in (FG_SCRIBBLE, BG_SCRIBBLE)}
                 for (kind, _), d2 in zip(clicks, dist2):
-                    pull[kind] = np.maximum(pull[kind], np.exp(-d2 / (2 * p["click_spread_mm"] ** 2)))
+                    pull[kind] = np.maximum(pull[kind], np.exp(-d2 / (2 * opt["click_spread_mm"] ** 2)))
                 fg_p = (prob_box[1] + (1 - prob_box[1]) * pull[FG_SCRIBBLE]) * (1 - pull[BG_SCRIBBLE])
                 prob_box = np.stack([1 - fg_p, fg_p]).astype(np.float32)
             image = self._image(d, spatial)
@@ -171,7 +167,7 @@ class ClickRefined(MapTransform):
                                  scribbles_bg_label=BG_SCRIBBLE, scribbles_fg_label=FG_SCRIBBLE)(sub)
             sub["unary"] = np.ascontiguousarray(sub["unary"], dtype=np.float32)
             sub = ApplyGraphCutOptimisationd(unary="unary", pairwise="image", post_proc_label="label",
-                                             lamda=p["lamda"], sigma=p["sigma"])(sub)
+                                             lamda=opt["lamda"], sigma=opt["sigma"])(sub)
             label = np.asarray(sub["label"]).reshape(tuple(hi - lo)) > 0.5
             # the cut's "certain" voxels cost -log(eps) ~ 16, which a strong smoothing term can outweigh: enforce them
             label[~near] = auto[~near]

@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional
 import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
-from monailabel.utils.others.generic import device_list
+from monailabel.utils.others.generic import device_list, strtobool
 
 from ..errors import BadInput
 
@@ -59,23 +59,17 @@ class MedURWKVTrain(BundleTrainTask):
             raise FileNotFoundError(f"No train.json or train.yaml in {os.path.join(path, 'configs')}")
         self.name = name
         self.default_max_epochs = int(
-            conf.get("max_epochs") or self._bundle_int(self.const.key_train_trainer_max_epochs(), 50)
+            conf.get("max_epochs") or self._bundle_number(self.const.key_train_trainer_max_epochs(), 50)
         )
         self.default_val_split = float(conf.get("val_split", "0.2"))
         self.pretrained_encoder = conf.get("pretrained_encoder")
         self._start_from_scratch = True
         self._request: Dict[str, Any] = {}
 
-    def _bundle_int(self, key: str, default: int) -> int:
-        """An integer config value of the bundle, references resolved (``"@epochs"`` -> 100)."""
+    def _bundle_number(self, key: str, default, cast=int):
+        """A numeric config value of the bundle, references resolved (``"@epochs"`` -> 100)."""
         try:
-            return int(self.bundle_config.get_parsed_content(key, instantiate=False))
-        except Exception:
-            return default
-
-    def _bundle_float(self, key: str, default: float) -> float:
-        try:
-            return float(self.bundle_config.get_parsed_content(key, instantiate=False))
+            return cast(self.bundle_config.get_parsed_content(key, instantiate=False))
         except Exception:
             return default
 
@@ -99,9 +93,9 @@ class MedURWKVTrain(BundleTrainTask):
                 "device": device_list(),
                 "max_epochs": self.default_max_epochs,
                 "val_split": self.default_val_split,
-                "val_interval": self._bundle_int("val_interval", 1),
+                "val_interval": self._bundle_number("val_interval", 1),
                 "multi_gpu": torch.cuda.device_count() > 1,
-                "learning_rate": self._bundle_float("learning_rate", 3e-4),
+                "learning_rate": self._bundle_number("learning_rate", 3e-4, float),
                 "keep_better_model": True,
                 "tracking": ["None", "mlflow"],
             }
@@ -168,7 +162,7 @@ class MedURWKVTrain(BundleTrainTask):
         # validate (and so write the key-metric checkpoint models/model.pt) at least once, also in short runs
         max_epochs = int(overrides.get(self.const.key_train_trainer_max_epochs(), self.default_max_epochs))
         if "val_interval" in self.bundle_config:
-            interval = int(self._request.get("val_interval") or self._bundle_int("val_interval", 1))
+            interval = int(self._request.get("val_interval") or self._bundle_number("val_interval", 1))
             overrides["val_interval"] = max(1, min(interval, max_epochs))
         if self._request.get("learning_rate") not in (None, "") and "learning_rate" in self.bundle_config:
             lr = float(self._request["learning_rate"])
@@ -176,7 +170,7 @@ class MedURWKVTrain(BundleTrainTask):
                 raise BadInput(f"learning_rate must be a positive number, got {self._request['learning_rate']!r}")
             overrides["learning_rate"] = lr
         # fine-tuning: the served model's own validation score is the one to beat (no worse model.pt)
-        keep = str(self._request.get("keep_better_model", True)).lower() not in ("false", "0", "no")
+        keep = strtobool(str(self._request.get("keep_better_model", True)))
         if not self._start_from_scratch and keep and "validate_start_weights" in self.bundle_config:
             overrides["validate_start_weights"] = True
             logger.info("Fine-tuning: validating the current model first; model.pt is replaced only by a better one")
