@@ -232,18 +232,20 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
 
 @pytest.mark.slow
 def test_fine_tuning_that_does_worse_keeps_the_model_it_started_from(tmp_path):
-    """validate_start_weights: the starting weights are validated first and set the score to beat, so a run that
-    only makes the model worse (learning rate 10) leaves models/model.pt alone; without it, the worse model
-    overwrites the better one (MONAI's default, shown as the control)."""
+    """finetune_from loads model weights strictly and turns on validate_start_weights: the starting weights are
+    validated first and set the score to beat, so a run that only makes the model worse (learning rate 10) leaves
+    models/model.pt alone; with validate_start_weights false, the worse model overwrites the better one (MONAI's
+    default, shown as the control)."""
     b = tmp_path / "bundle"
     shutil.copytree(BUNDLE, b, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt", "*.ts", "*.safetensors"))
     weights = b / "models" / "model.pt"
 
-    def train(start=None, **override):
+    def train(**override):
         wf = _workflow(b, "train.json", "train", **{**TINY_TRAIN, **override})
         wf.initialize()
-        if start is not None:  # what MONAI Label's trainer does with a CheckpointLoader
-            wf.parser.get_parsed_content("network_def").load_state_dict(start)
+        if override.get("finetune_from"):  # loaded strictly at initialize
+            net = wf.parser.get_parsed_content("network_def").state_dict()
+            assert all(torch.equal(net[k], incumbent[k]) for k in incumbent)
         wf.run()
         evaluator = wf.parser.get_parsed_content("validate#evaluator")
         saver = next(h for h in wf.parser.get_parsed_content("validate#handlers") if hasattr(h, "incumbent_score"))
@@ -252,14 +254,16 @@ def test_fine_tuning_that_does_worse_keeps_the_model_it_started_from(tmp_path):
         return result
 
     train(epochs=3)
-    incumbent = torch.load(weights, map_location="cpu", weights_only=True)
-    last, best_epoch, incumbent_score = train(incumbent, learning_rate=10.0, validate_start_weights=True)
+    start = tmp_path / "start.pt"
+    shutil.copy(weights, start)
+    incumbent = torch.load(start, map_location="cpu", weights_only=True)
+    last, best_epoch, incumbent_score = train(finetune_from=str(start), learning_rate=10.0)
     assert incumbent_score is not None and incumbent_score > 0.2 and last < incumbent_score - 0.1
     assert best_epoch == 0
     kept = torch.load(weights, map_location="cpu", weights_only=True)
     assert all(torch.equal(kept[k], incumbent[k]) for k in incumbent)
 
-    last, best_epoch, incumbent_score = train(incumbent, learning_rate=10.0)  # control: MONAI's behaviour
+    last, best_epoch, incumbent_score = train(finetune_from=str(start), learning_rate=10.0, validate_start_weights=False)
     assert incumbent_score is None and best_epoch == 1
     replaced = torch.load(weights, map_location="cpu", weights_only=True)
     assert not all(torch.equal(replaced[k], incumbent[k]) for k in incumbent)
