@@ -5,7 +5,10 @@ Each round does what an annotator does in 3D Slicer, with the correction simulat
     Next Sample (strategy) -> Auto Segmentation (infer) -> correct (= ground-truth mask) -> Submit Label -> Train
 
 and records the Dice of the prediction on the volume it was given (what the annotator had to correct) and,
-after training, the mean Dice on an evaluation set. The curve (Dice against the number of labeled volumes) is
+after training, the mean Dice on an evaluation set. With ``--clicks N`` it also simulates N SmartEdit clicks on
+that prediction with the click-guided model (``<model>_clicks``), each at the deepest voxel of the largest
+remaining error (foreground where brain was missed, background where something else was taken), and records
+the Dice after each click (``click_dice``); the submitted label is still the ground truth. The curve (Dice against the number of labeled volumes) is
 written as a PNG, and the numbers as JSON next to it.
 
     # against a server that is already running (here: started with --studies sample_data)
@@ -87,6 +90,21 @@ def read_mask(path: str) -> np.ndarray:
     return np.asanyarray(nib.load(path).dataobj) > 0
 
 
+def next_click(pred: np.ndarray, truth: np.ndarray) -> Optional[tuple]:
+    """Where an annotator would click next: the voxel deepest inside the largest connected error region, as
+    ``("foreground" | "background", [i, j, k])``; ``None`` when the prediction is already right."""
+    from scipy import ndimage as ndi
+
+    errors, n = ndi.label(pred != truth)
+    if n == 0:
+        return None
+    sizes = ndi.sum_labels(np.ones(errors.shape), errors, index=np.arange(1, n + 1))
+    region = errors == int(np.argmax(sizes)) + 1
+    depth = ndi.distance_transform_edt(np.pad(region, 1))[(slice(1, -1),) * region.ndim]
+    voxel = np.unravel_index(int(np.argmax(depth)), region.shape)
+    return ("foreground" if truth[voxel] else "background", [int(v) for v in voxel])
+
+
 def plot_curve(rows: List[dict], out_png: str, title: str = "Med-URWKV active learning") -> None:
     """Dice against the number of labeled volumes: evaluation mean Dice and Dice on each new sample."""
     import matplotlib
@@ -142,6 +160,23 @@ class Loop:
         finally:
             os.remove(out)
 
+    def click_correct(self, image: str, pred: np.ndarray, truth: np.ndarray, clicks: int) -> List[float]:
+        """Dice against ``truth`` after each of up to ``clicks`` simulated clicks (see :func:`next_click`)."""
+        points: Dict[str, list] = {"foreground": [], "background": []}
+        scores = []
+        for _ in range(clicks):
+            click = next_click(pred, truth)
+            if click is None:
+                break
+            points[click[0]].append(click[1])
+            out, _ = self.client.infer(f"{self.model}_clicks", image, dict(points))
+            try:
+                pred = read_mask(out)
+            finally:
+                os.remove(out)
+            scores.append(dice(pred, truth))
+        return scores
+
     def train(self, max_epochs: int, timeout: float) -> dict:
         self.client.train_start(self.model, {"max_epochs": max_epochs})
         start = time.time()
@@ -179,7 +214,7 @@ class Loop:
         return float(np.mean(scores)) if scores else None
 
     def run(
-        self, rounds: int, max_epochs: int, eval_set, eval_truth, eval_max: int, train_timeout: float
+        self, rounds: int, max_epochs: int, eval_set, eval_truth, eval_max: int, train_timeout: float, clicks: int = 0
     ) -> List[dict]:
         rows: List[dict] = []
         for r in range(1, rounds + 1):
@@ -193,6 +228,7 @@ class Loop:
             t0 = time.time()
             pred = self.predict(image=sid)
             sample_dice = dice(pred, read_mask(self.truth[sid])) if pred is not None else None
+            click_dice = self.click_correct(sid, pred, read_mask(self.truth[sid]), clicks) if pred is not None else []
             self.client.save_label(sid, self.truth[sid], tag="final")  # the simulated correction
             self.train(max_epochs, train_timeout)
             row = {
@@ -200,6 +236,7 @@ class Loop:
                 "sample": sid,
                 "uncertainty": sample.get("uncertainty", sample.get("mc_dropout_score")),
                 "sample_dice": sample_dice,
+                "click_dice": click_dice,
                 "labeled": self.labeled_count(),
                 "eval_dice": self.evaluate(eval_set, eval_truth, eval_max),
                 "seconds": round(time.time() - t0, 1),
@@ -263,6 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-labels", help="their ground-truth masks")
     parser.add_argument("--eval-max", type=int, default=5, help="evaluate at most this many volumes (0: all)")
     parser.add_argument("--train-timeout", type=float, default=3600.0)
+    parser.add_argument("--clicks", type=int, default=0, help="simulated SmartEdit clicks per sample (0: none)")
     parser.add_argument("--out", default="active_learning_dice.png", help="PNG; the numbers go to the same name .json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
@@ -280,7 +318,9 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             loop = Loop(server, args.model, args.strategy, truth, tmp)
-            rows = loop.run(args.rounds, args.max_epochs, eval_set, eval_truth, args.eval_max, args.train_timeout)
+            rows = loop.run(
+                args.rounds, args.max_epochs, eval_set, eval_truth, args.eval_max, args.train_timeout, args.clicks
+            )
     finally:
         if proc is not None:
             proc.terminate()

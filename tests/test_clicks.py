@@ -93,3 +93,22 @@ def test_bad_clicks_are_the_clients_error(clicks_module, case):
         _refine(ClickRefined, case, foreground="10,10,10")
     with pytest.raises(BadInput, match="'lamda' must be a number"):
         _refine(ClickRefined, case, foreground=[case["fg"]], lamda="strong")
+
+
+def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():
+    sys.path.insert(0, str(ROOT / "monailabel_app"))
+    try:
+        from active_learning_loop import next_click
+    finally:
+        sys.path.remove(str(ROOT / "monailabel_app"))
+    truth = np.zeros((20, 20, 20), bool)
+    truth[4:16, 4:16, 4:16] = True
+    pred = truth.copy()
+    pred[4:16, 4:16, 4:9] = False  # 720 voxels missed
+    pred[0:3, 0:3, 0:3] = True  # 27 voxels taken
+    kind, voxel = next_click(pred, truth)
+    assert kind == "foreground" and not pred[tuple(voxel)] and truth[tuple(voxel)]
+    assert voxel[2] == 6 and 6 <= voxel[0] <= 13 and 6 <= voxel[1] <= 13  # 3 voxels deep: the slab's deepest
+    pred[4:16, 4:16, 4:9] = True
+    assert next_click(pred, truth) == ("background", [1, 1, 1])
+    assert next_click(truth, truth) is None

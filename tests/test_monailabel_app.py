@@ -645,6 +645,15 @@ def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
     assert _status(e.value) == 422 and "foreground click [9999, 0, 0] is outside the image" in e.value.msg
     assert ctx.client.info()["models"][MODEL]
 
+    # the loop script's simulated annotator: three clicks, each on the largest remaining error, raise the Dice
+    al = _load_app_module("al_loop", APP / "active_learning_loop.py")
+    loop = al.Loop(ctx.server.url, MODEL, "first", {}, str(ctx.root))
+    truth = al.read_mask(str(ctx.gt / "colin_a.nii.gz"))
+    pred = loop.predict(image="colin_a")
+    scores = loop.click_correct("colin_a", pred, truth, 3)
+    print(f"colin_a Dice {al.dice(pred, truth):.4f} -> after clicks {[round(x, 4) for x in scores]}")
+    assert len(scores) == 3 and scores[-1] > al.dice(pred, truth)
+
 
 def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):
     ctx.server.stop()
