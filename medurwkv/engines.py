@@ -103,6 +103,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
             score to beat and nothing is written, so a run that never does better than the model it started from
             leaves ``key_metric_filename`` (e.g. ``models/model.pt``) as it was. Without it, the first validation
             of every run overwrites the best file, even with a worse model. Needs ``key_metric_filename``.
+
+    The saver is itself stateful: ``state_dict()`` holds the score of the best file written so far (and the
+    evaluator's best metric and epoch). Listed in the ``save_dict`` of the trainer's interval checkpoint, it is
+    saved with the training state, and ``ResumeTraining`` restores it, so a resumed run replaces
+    ``key_metric_filename`` only with a model that beats the one the interrupted run saved.
         Other arguments: as ``monai.handlers.CheckpointSaver``. What is saved is each object's
         ``state_dict()`` (DDP/DataParallel unwrapped by ignite): tensors and plain Python values only,
         loadable with ``torch.load(weights_only=True)``.
@@ -126,6 +131,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.keep_incumbent = bool(keep_incumbent)
         self.key_metric_filename = kwargs.get("key_metric_filename")
         self.incumbent_score: Optional[float] = None
+        self._engine: Optional[Engine] = None
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is None:
                 continue
@@ -147,7 +153,38 @@ class AtomicCheckpointSaver(CheckpointSaver):
             return
         super().metrics_completed(engine)
 
+    def state_dict(self) -> dict:
+        """The best key-metric score behind ``key_metric_filename`` so far (``None`` before any), as plain values."""
+        ckpt = self._key_metric_checkpoint
+        best = max((float(item.priority) for item in ckpt._saved), default=None) if ckpt is not None else None
+        state = getattr(self._engine, "state", None)
+        best_metric = getattr(state, "best_metric", None)
+        return {
+            "key_metric_filename": self.key_metric_filename,
+            "score": best,
+            "best_metric": float(best_metric) if best is not None and best_metric is not None else None,
+            "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)) if best is not None else -1,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Take a saved best score as the one to beat (see ``state_dict``). Ignored, with a warning, when the file
+        it belongs to is gone: the first validation then writes a new one."""
+        ckpt, score = self._key_metric_checkpoint, state.get("score")
+        if ckpt is None or score is None:
+            return
+        path = os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename))
+        if state.get("key_metric_filename") != self.key_metric_filename or not os.path.isfile(path):
+            logger.warning(f"Saved best score {score:.4f} ignored: {path} does not hold that model any more")
+            return
+        self.incumbent_score = float(score)
+        ckpt._saved = [Checkpoint.Item(self.incumbent_score, str(self.key_metric_filename))]
+        if self._engine is not None and state.get("best_metric") is not None:
+            self._engine.state.best_metric = state["best_metric"]
+            self._engine.state.best_metric_epoch = int(state.get("best_metric_epoch", -1))
+        logger.info(f"{path} scores {score:.4f} (saved best): it is replaced only by a model that scores higher")
+
     def attach(self, engine: Engine) -> None:
+        self._engine = engine
         if self.engine_key is not None:
             for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
                 if ckpt is not None:
@@ -159,7 +196,11 @@ class ResumeTraining:
     """Resume a training run: call it on the trainer before ``run()`` (``"$@resume(@train#trainer) if @resume else None"``).
 
     * ``state_path`` exists (written by the bundle every ``val_interval`` epochs and at the end): restores the
-      network, optimizer, LR scheduler and the trainer's epoch/iteration, so ``run()`` continues where it stopped.
+      network, optimizer, LR scheduler and the trainer's epoch/iteration, so ``run()`` continues where it stopped,
+      and the best score so far into ``best_model_saver`` (the evaluator's key-metric ``AtomicCheckpointSaver``,
+      saved under ``"best_model"``), so ``model_path`` is replaced only by a better model. A state file without
+      that entry (written before it existed) resumes as before, with a warning that the first validation writes
+      ``model_path``.
     * otherwise ``model_path`` exists (``models/model.pt``, the best validation weights): loads the network
       weights only and starts the schedule from epoch 1 (logged as a warning).
     * neither: ``FileNotFoundError`` naming both paths.
@@ -173,16 +214,28 @@ class ResumeTraining:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any = None,
         map_location: Any = None,
+        best_model_saver: Any = None,
     ) -> None:
         self.state_path, self.model_path = str(state_path), str(model_path)
         self.network, self.optimizer, self.lr_scheduler = _unwrap(network), optimizer, lr_scheduler
         self.map_location = map_location
+        self.best_model_saver = best_model_saver
 
     def __call__(self, engine: Engine) -> str:
         if os.path.isfile(self.state_path):
             load_dict = {"model": self.network, "optimizer": self.optimizer, "trainer": engine}
             if self.lr_scheduler is not None:
                 load_dict["lr_scheduler"] = self.lr_scheduler
+            if self.best_model_saver is not None:
+                saved = torch.load(self.state_path, map_location="cpu", weights_only=True, mmap=True)
+                if "best_model" in saved:
+                    load_dict["best_model"] = self.best_model_saver
+                else:
+                    engine.logger.warning(
+                        f"{self.state_path} holds no best score (written by an older version): the first validation "
+                        f"after resuming replaces {self.model_path} whatever its score"
+                    )
+                del saved
             CheckpointLoader(load_path=self.state_path, load_dict=load_dict, map_location=self.map_location)(engine)
             engine.logger.info(f"Resumed training from {self.state_path} at epoch {engine.state.epoch}/{engine.state.max_epochs}")
             return self.state_path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -177,12 +178,14 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
     train.initialize()
     assert train.check_properties() == []
     train.run()
+    first_score = float(train.parser.get_parsed_content("validate#evaluator").state.metrics["val_mean_dice"])
     train.finalize()
     model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in model.values())
     assert set(model) == set(train.parser.get_parsed_content("network_def").state_dict())
     state = torch.load(models / "train_state.pt", map_location="cpu", weights_only=True)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"} and state["trainer"]["iteration"] == 1
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model"} and state["trainer"]["iteration"] == 1
+    assert state["best_model"]["score"] == pytest.approx(first_score, abs=1e-6) and state["best_model"]["best_metric_epoch"] == 1
     assert sorted(p.name for p in models.iterdir() if p.name != ".gitkeep") == ["model.pt", "train_state.pt"]  # no temp files
     assert list((b / "eval").glob("events.out.tfevents.*"))  # TensorBoard
 
@@ -194,12 +197,7 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
     metrics = (b / "eval" / "metrics.csv").read_text()
     assert "val_mean_dice" in metrics and "itk_kmeanstest_t1" in (b / "eval" / "val_mean_dice_raw.csv").read_text()
 
-    resumed = _workflow(b, "train.json", "train", **{**TINY_TRAIN, "epochs": 2, "resume": True})
-    resumed.initialize()
-    assert resumed.trainer.state.epoch == 1  # continues after the saved epoch
-    resumed.run()
-    resumed.finalize()
-    assert torch.load(models / "train_state.pt", map_location="cpu", weights_only=True)["trainer"]["iteration"] == 2
+    _resume_keeps_the_best_model(b, first_score)
 
     infer = _workflow(b, "inference.json", "infer", **TINY)
     infer.initialize()
@@ -228,6 +226,48 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["itk_kmeanstest_t1_seg.nii.gz", "dicom_series_seg.nii.gz", "slice2d_seg.nii.gz", "site_b_slice2d_seg.nii.gz"]
     )
+
+
+def _resume_keeps_the_best_model(b: Path, first_score: float) -> None:
+    """resume=true continues at the saved epoch and takes model.pt's saved score as the one to beat: model.pt is
+    replaced iff the resumed epoch scores higher. A state file whose saved best is unbeatable (1.0) must leave
+    model.pt alone; one without the entry (older versions) resumes with a warning and the first validation
+    replaces model.pt, as before (the control)."""
+    models = b / "models"
+    state1 = (models / "train_state.pt").read_bytes()
+
+    def resume(state_bytes: bytes):
+        (models / "train_state.pt").write_bytes(state_bytes)
+        written = lambda: (os.stat(models / "model.pt").st_ino, os.stat(models / "model.pt").st_mtime_ns)  # noqa: E731
+        before = written()  # by atomic replace: a new inode (a deterministic rerun may write the same bytes)
+        wf = _workflow(b, "train.json", "train", **{**TINY_TRAIN, "epochs": 2, "resume": True})
+        wf.initialize()
+        assert wf.trainer.state.epoch == 1  # continues after the saved epoch
+        evaluator = wf.parser.get_parsed_content("validate#evaluator")
+        seeded = (evaluator.state.best_metric, evaluator.state.best_metric_epoch)
+        wf.run()
+        score = float(evaluator.state.metrics["val_mean_dice"])
+        after = (evaluator.state.best_metric, evaluator.state.best_metric_epoch)
+        wf.finalize()
+        assert torch.load(models / "train_state.pt", map_location="cpu", weights_only=True)["trainer"]["iteration"] == 2
+        return seeded, score, after, written() != before
+
+    seeded, score, after, replaced = resume(state1)
+    assert seeded == (pytest.approx(first_score, abs=1e-6), 1)
+    assert replaced == (score > first_score) and after[0] == pytest.approx(max(score, first_score), abs=1e-6)
+
+    state = torch.load(io.BytesIO(state1), map_location="cpu", weights_only=True)
+    state["best_model"].update(score=1.0, best_metric=1.0)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    seeded, score, after, replaced = resume(buf.getvalue())
+    assert seeded == (1.0, 1) and score < 1.0 and not replaced and after == (1.0, 1)
+
+    del state["best_model"]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    seeded, score, after, replaced = resume(buf.getvalue())
+    assert seeded[1] == -1 and replaced and after == (pytest.approx(score, abs=1e-6), 2)
 
 
 @pytest.mark.slow
