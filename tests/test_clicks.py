@@ -1,5 +1,5 @@
-"""Click-guided correction (monailabel_app/lib/infers/clicks.py) on a real head: the held-out ITK T1 and its
-brain mask, with a network output made wrong on purpose (a ball of brain missed, a ball of scalp taken)."""
+"""Click- and scribble-guided correction (monailabel_app/lib/infers/clicks.py) on a real head: the held-out ITK T1
+and its brain mask, with a network output made wrong on purpose (a ball of brain missed, a ball of scalp taken)."""
 
 import sys
 from pathlib import Path
@@ -21,9 +21,9 @@ def clicks_module():
     sys.path.insert(0, str(ROOT / "monailabel_app"))
     try:
         from lib.errors import BadInput
-        from lib.infers.clicks import ClickRefined
+        from lib.infers.clicks import ClickRefined, ScribblesRefined
 
-        yield ClickRefined, BadInput
+        yield ClickRefined, BadInput, ScribblesRefined
     finally:
         sys.path.remove(str(ROOT / "monailabel_app"))
 
@@ -47,7 +47,8 @@ def case():
     fg_click = hole_c
     prob = MetaTensor(torch.from_numpy(np.stack([1 - p1, p1])), affine=torch.as_tensor(lab.affine))
     assert missed[tuple(fg_click)]
-    return {"gt": gt, "wrong": p1 > 1 - p1, "hole": hole & gt, "prob": prob, "fg": fg_click.tolist(), "bg": far.tolist(), "affine": lab.affine}
+    return {"gt": gt, "wrong": p1 > 1 - p1, "hole": hole & gt, "blob": blob, "prob": prob, "fg": fg_click.tolist(),
+            "bg": far.tolist(), "affine": lab.affine}
 
 
 def _dice(a, b):
@@ -61,7 +62,7 @@ def _refine(ClickRefined, case, **request):
 
 
 def test_clicks_fix_the_errors_they_point_at_and_nothing_far_away(clicks_module, case):
-    ClickRefined, _ = clicks_module
+    ClickRefined, _, _ = clicks_module
     none = _refine(ClickRefined, case)
     assert np.array_equal(none, case["wrong"])  # no clicks: the automatic segmentation, voxel for voxel
 
@@ -83,7 +84,7 @@ def test_clicks_fix_the_errors_they_point_at_and_nothing_far_away(clicks_module,
 
 
 def test_bad_clicks_are_the_clients_error(clicks_module, case):
-    ClickRefined, BadInput = clicks_module
+    ClickRefined, BadInput, _ = clicks_module
     shape = list(case["gt"].shape)
     with pytest.raises(BadInput, match=rf"foreground click \[500, 1, 1\] is outside the image \(size {shape}\)".replace("[", r"\[").replace(r"\\[", r"\[")):
         _refine(ClickRefined, case, foreground=[[500, 1, 1]])
@@ -93,6 +94,81 @@ def test_bad_clicks_are_the_clients_error(clicks_module, case):
         _refine(ClickRefined, case, foreground="10,10,10")
     with pytest.raises(BadInput, match="'lamda' must be a number"):
         _refine(ClickRefined, case, foreground=[case["fg"]], lamda="strong")
+
+
+def _mm_to(mask, affine):
+    """Distance in mm of every voxel to the nearest voxel of ``mask`` (an independent brute-force check)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    grid = np.indices(mask.shape).reshape(3, -1).T * spacing
+    pts = np.argwhere(mask) * spacing
+    best = np.full(len(grid), np.inf)
+    for p in pts:
+        best = np.minimum(best, ((grid - p) ** 2).sum(1))
+    return np.sqrt(best).reshape(mask.shape)
+
+
+def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_module, case, tmp_path):
+    """What Slicer's Scribbles tool sends: the whole segmentation as one label volume (the user's brain segment,
+    strokes painted over it), label_info naming the values, the segment to correct and an optional ROI."""
+    _, BadInput, ScribblesRefined = clicks_module
+    shape = case["gt"].shape
+    user = case["wrong"].copy()
+    c = np.array(np.nonzero(case["gt"])).mean(1).astype(int)
+    edit = np.zeros(shape, bool)  # a manual edit far from the strokes that the network does not know of
+    edit[c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, max(c[2] - 14, 0) : max(c[2] - 10, 1)] = True
+    user &= ~edit
+    fg_stroke, bg_stroke = np.zeros(shape, bool), np.zeros(shape, bool)
+    f, b = case["fg"], case["bg"]
+    fg_stroke[f[0] - 4 : f[0] + 5, f[1], f[2]] = True  # a line through the missed ball
+    bg_stroke[b[0], b[1] - 2 : b[1] + 3, b[2]] = True  # a line through the scalp blob
+    assert not (edit & (_mm_to(fg_stroke | bg_stroke, case["affine"]) <= 30)).any()  # the edit is out of reach
+
+    def refine(values, **request):
+        path = tmp_path / "scribbles.nii.gz"
+        nib.save(nib.Nifti1Image(values.astype(np.uint8), case["affine"]), path)
+        d = {"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path), **request}
+        out = ScribblesRefined(keys="pred", target="brain")(d)["pred"]
+        return (out[1] > out[0]).numpy()
+
+    info = [{"name": "brain", "id": 1}, {"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
+    req = {"label_info": info, "selected_label_name": "brain"}
+    assert np.array_equal(refine(user.astype(int), **req), user)  # no strokes: the user's segmentation, unchanged
+
+    values = user.astype(int)
+    values[bg_stroke], values[fg_stroke] = 2, 3  # Slicer paints over the segment
+    after = refine(values, **req)
+    assert after[fg_stroke].all() and not after[bg_stroke].any()
+    assert not (after & case["blob"]).any() and (after & case["hole"]).sum() > 0.9 * case["hole"].sum()
+    assert _dice(after, case["gt"]) > _dice(user, case["gt"]) + 0.001, (_dice(user, case["gt"]), _dice(after, case["gt"]))
+    changed = after != user
+    changed[fg_stroke] = False  # painted over: not in the user's segment any more
+    assert changed.any() and _mm_to(fg_stroke | bg_stroke, case["affine"])[changed].max() <= 30.0 + 1e-6
+    assert not after[edit].any()  # the manual edit is kept (the network would undo it)
+
+    # values named by label_info, not fixed: swap the ids, same result
+    swapped = np.select([values == 1, values == 2, values == 3], [4, 6, 5], 0)
+    info2 = [{"name": "brain", "id": 4}, {"name": "foreground_scribbles", "id": 5}, {"name": "background_scribbles", "id": 6}]
+    assert np.array_equal(refine(swapped, label_info=info2, selected_label_name="brain"), after)
+
+    # no segment sent: the network's segmentation is corrected; an ROI (bounds in any order, as Slicer's RAS->IJK
+    # gives them): strokes outside it are ignored and nothing outside it changes
+    only_strokes = np.where(fg_stroke, 3, np.where(bg_stroke, 2, 0))
+    assert b[2] == c[2] < f[2]
+    roi = [shape[0], 0, 0, shape[1], 0, int(c[2]) + 1]
+    boxed = refine(only_strokes, roi=roi, label_info=info[1:], selected_label_name="brain")
+    assert np.array_equal(boxed[:, :, c[2] + 1 :], case["wrong"][:, :, c[2] + 1 :])  # the missed ball stays missed
+    assert not (boxed & case["blob"])[:, :, : c[2] + 1].any() and (case["wrong"] & case["blob"])[:, :, c[2] + 1 :].any()
+
+    with pytest.raises(BadInput, match="must be on the image's grid"):
+        path = tmp_path / "small.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), case["affine"]), path)
+        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
+    with pytest.raises(BadInput, match="scribbles need the segmentation"):
+        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE)})
+    with pytest.raises(BadInput, match="'roi' must be voxel bounds"):
+        refine(values, roi=["a"] * 6, **req)
+    with pytest.raises(BadInput, match="needs an integer 'id'"):
+        refine(values, label_info=[{"name": "brain", "id": "one"}])
 
 
 def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():

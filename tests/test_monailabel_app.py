@@ -325,6 +325,8 @@ def test_info_lists_model_and_says_there_are_no_weights(ctx):
     clicks = info["models"][f"{MODEL}_clicks"]  # 3D Slicer lists deepgrow models under SmartEdit
     assert clicks["type"] == "deepgrow" and clicks["labels"] == {"brain": 1} and clicks["dimension"] == 3
     assert {"click_radius_mm", "click_spread_mm", "roi_margin_mm", "lamda", "sigma"} <= set(clicks["config"])
+    scribbles = info["models"][f"{MODEL}_scribbles"]  # listed in Slicer's Scribbles section
+    assert scribbles["type"] == "scribbles" and scribbles["labels"] == {"brain": 1} and scribbles["dimension"] == 3
     assert model["weights"]["available"] is False
     assert "NO TRAINED WEIGHTS" in model["description"] and "NO TRAINED WEIGHTS" in info["description"]
     assert info["datastore"]["total"] == len(VOLUMES)
@@ -653,6 +655,42 @@ def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
     scores = loop.click_correct("colin_a", pred, truth, 3)
     print(f"colin_a Dice {al.dice(pred, truth):.4f} -> after clicks {[round(x, 4) for x in scores]}")
     assert len(scores) == 3 and scores[-1] > al.dice(pred, truth)
+
+
+def test_scribbles_correct_the_segmentation_sent_near_the_strokes(ctx, tmp_path):
+    """What Slicer's Scribbles tool sends: the segmentation being edited with the strokes painted over it (one label
+    volume, uploaded as ``label``), label_info and the segment to correct. The user's own edit far from the
+    strokes survives; stroke voxels get their class; nothing beyond 30 mm of a stroke changes."""
+    from monailabel.client.client import MONAILabelClientException
+    from scipy import ndimage as ndi
+
+    auto, affine, _, _ = _infer(ctx, "colin_a")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    deep = np.array(np.unravel_index(np.argmax(ndi.distance_transform_edt(auto > 0, sampling=spacing)), auto.shape))
+    values = auto.astype(np.uint8)
+    values[deep[0] - 2 : deep[0] + 3, deep[1], deep[2]] = 2  # a background stroke deep inside the mask
+    stroke_mm = ndi.distance_transform_edt(values != 2, sampling=spacing)
+    far = np.array(np.unravel_index(np.argmax(np.where(auto > 0, stroke_mm, -1)), auto.shape))
+    edit = (auto > 0) & (np.sqrt((((np.indices(auto.shape).T - far) * spacing) ** 2).sum(-1)).T <= 6)
+    assert edit.sum() >= 5 and stroke_mm[edit].min() > 30  # the user erased this by hand, out of the strokes' reach
+    values[edit] = 0
+    user = np.where(values == 1, 1, 0)
+    info = [{"name": "brain", "id": 1}, {"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
+    src = tmp_path / "scribbles.nii.gz"
+    nib.save(nib.Nifti1Image(values, affine), src)
+    request = {"label_info": info, "selected_label_name": "brain", "roi": []}
+    path, _ = ctx.client.infer(f"{MODEL}_scribbles", "colin_a", request, label_in=str(src))
+    img = nib.load(path)
+    got = np.asanyarray(img.dataobj)
+    _assert_same_grid(img.affine, got.shape, ctx.studies / "colin_a.nii.gz")
+    assert not got[values == 2].any() and auto[values == 2].all()  # the stroke's voxels flipped
+    assert (stroke_mm[got != user] <= 30.0 + 1e-6).all()
+    assert not got[edit].any()  # the hand edit is kept, not undone by the network's segmentation
+
+    nib.save(nib.Nifti1Image(values[:-1], affine), src)
+    with pytest.raises(MONAILabelClientException) as e:
+        ctx.client.infer(f"{MODEL}_scribbles", "colin_a", request, label_in=str(src))
+    assert _status(e.value) == 422 and "must be on the image's grid" in e.value.msg
 
 
 def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):

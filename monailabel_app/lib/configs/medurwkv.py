@@ -9,7 +9,8 @@ in the background), ``amp`` (GPU mixed precision, default true), ``infer_concurr
 once, default 2), ``max_epochs`` and ``val_split`` (training defaults shown in Slicer), ``pretrained_encoder``,
 ``mc_dropout`` (dropout p for scoring, default 0.2), ``mc_passes`` (default 8), ``mc_slices`` (default 16),
 ``reserve_s`` (seconds a volume handed out by ``uncertainty`` is skipped for others, default 600), ``clicks``
-(also serve the click-guided correction model ``<name>_clicks``, default true) with ``click_radius_mm``,
+(also serve the click- and scribble-guided correction models ``<name>_clicks`` and ``<name>_scribbles``, default
+true) with ``click_radius_mm``,
 ``click_roi_margin_mm``, ``click_spread_mm``, ``click_lamda``, ``click_sigma`` (see ``lib/infers/clicks.py``).
 """
 
@@ -24,7 +25,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
 
 from ..activelearning import MostUncertain
-from ..infers import MedURWKVClicks, MedURWKVInfer
+from ..infers import MedURWKVClicks, MedURWKVInfer, MedURWKVScribbles
 from ..infers.medurwkv import weights_state
 from ..scoring import MCDropoutScoring
 from ..trainers import MedURWKVTrain
@@ -78,10 +79,12 @@ class MedURWKVConfig(TaskConfig):
         return self._infer
 
     def infers(self) -> Dict[str, MedURWKVInfer]:
-        """The automatic model, and (unless ``--conf clicks false``) its click-guided correction ``<name>_clicks``."""
+        """The automatic model, and (unless ``--conf clicks false``) its click- and scribble-guided corrections
+        ``<name>_clicks`` and ``<name>_scribbles``."""
         tasks = {self.name: self.infer()}
         if strtobool(self.conf.get("clicks", "true")):
             tasks[f"{self.name}_clicks"] = MedURWKVClicks(self.bundle_path, self.conf, share=self.infer())
+            tasks[f"{self.name}_scribbles"] = MedURWKVScribbles(self.bundle_path, self.conf, share=self.infer())
         return tasks
 
     def trainer(self) -> MedURWKVTrain:

@@ -1,2 +1,2 @@
 from .medurwkv import MedURWKVInfer  # noqa: F401
-from .clicks import MedURWKVClicks  # noqa: F401
+from .clicks import MedURWKVClicks, MedURWKVScribbles  # noqa: F401

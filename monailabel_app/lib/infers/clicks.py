@@ -1,4 +1,5 @@
-"""Click-guided correction: Med-URWKV's segmentation refined with foreground/background clicks (3D Slicer SmartEdit).
+"""Click- and scribble-guided correction: Med-URWKV's segmentation refined with foreground/background clicks (3D
+Slicer SmartEdit, :class:`MedURWKVClicks`) or painted strokes (Slicer's Scribbles, :class:`MedURWKVScribbles`).
 
 The network itself takes no clicks (it is the bundle's automatic model; a click-trained "DeepEdit" variant would
 need guidance input channels and a click-simulating trainer). What the clicks steer is the step after it, the
@@ -23,17 +24,21 @@ per refinement on 2 CPU cores on top of the network.
 
 Clicks are voxel indices ``[i, j, k]`` of the image as stored (what Slicer sends for models of type
 ``deepgrow``): ``{"foreground": [[i, j, k], ...], "background": [[i, j, k], ...]}``. A clicked voxel always ends
-up with its click's class (a background click placed after a foreground one on the same voxel wins).
+up with its click's class; where balls of both classes overlap, the nearer click wins (background on a tie).
 A click outside the image or a malformed list is a 422 that says which click.
+
+Scribbles (:class:`ScribblesRefined`) go through the same refinement (:func:`refine_near_seeds`) with the stroke
+voxels as seeds (no ball around them) and correct the segmentation Slicer sends rather than the network's.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from monai.transforms import AsDiscreted, MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.scribbles.transforms import ApplyGraphCutOptimisationd, MakeISegUnaryd
@@ -65,6 +70,92 @@ def parse_clicks(request: Dict[str, Any]) -> Tuple[List[List[int]], List[List[in
     return out[0], out[1]
 
 
+def _spacing(prob, ndim: int) -> np.ndarray:
+    affine = getattr(prob, "affine", None)
+    affine = np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
+    spacing = np.linalg.norm(affine[:ndim, :ndim], axis=0)
+    return np.where(spacing > 0, spacing, 1.0)
+
+
+def refine_near_seeds(
+    arr: np.ndarray,
+    spacing: np.ndarray,
+    image: Callable[[], np.ndarray],
+    fg_from: np.ndarray,
+    bg_from: np.ndarray,
+    opt: Dict[str, float],
+    seed_radius_mm: float,
+    base: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The refinement shared by clicks and scribbles (steps 2-4 of the module docstring).
+
+    Args:
+        arr: (2, *spatial) softmax probabilities on the image grid.
+        spacing: voxel size in mm per spatial axis.
+        image: returns the image on the same grid, scaled to 0..1 (called only when there are seeds).
+        fg_from, bg_from: boolean (*spatial) masks of the clicked / scribbled voxels of each class.
+        opt: ``roi_margin_mm``, ``click_spread_mm``, ``lamda``, ``sigma``.
+        seed_radius_mm: voxels this close to ``fg_from`` / ``bg_from`` are certain (a click's ball; 0 for
+            scribbles, whose strokes already have a width). Where balls of both classes overlap, the nearer
+            seed wins (background on ties).
+        base: the segmentation to correct (default: the network's argmax); voxels farther than
+            ``roi_margin_mm`` from every seed keep its label.
+
+    Returns:
+        the refined boolean foreground (*spatial) and a few numbers for the log.
+    """
+    base = arr[1] > arr[0] if base is None else np.asarray(base, bool)
+    seeds = fg_from | bg_from
+    if not seeds.any():
+        return base, {"box": [0] * base.ndim, "changed": 0}
+    pts = np.argwhere(seeds)
+    margin = np.ceil((opt["roi_margin_mm"] + seed_radius_mm) / spacing).astype(int)
+    lo = np.maximum(pts.min(0) - margin, 0)
+    hi = np.minimum(pts.max(0) + margin + 1, base.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+    def distance(mask: np.ndarray) -> np.ndarray:  # mm to the nearest seed voxel of one class (inf: none)
+        if not mask.any():
+            return np.full(mask.shape, np.inf)
+        return ndi.distance_transform_edt(~mask, sampling=spacing)
+
+    d_fg, d_bg = distance(fg_from[box]), distance(bg_from[box])
+    auto = base[box]
+    # only voxels within roi_margin_mm of a seed may change: elsewhere the base label is a constraint of the cut
+    near = np.minimum(d_fg, d_bg) <= opt["roi_margin_mm"]
+    fg_seed = (d_fg <= seed_radius_mm) & (d_fg < d_bg)
+    bg_seed = (d_bg <= seed_radius_mm) & ~fg_seed
+    scribbles = np.where(auto, FG_SCRIBBLE, BG_SCRIBBLE).astype(np.float32)
+    scribbles[near] = 0
+    scribbles[fg_seed] = FG_SCRIBBLE
+    scribbles[bg_seed] = BG_SCRIBBLE
+
+    prob_box = arr[(slice(None),) + box].copy()
+    if opt["click_spread_mm"] > 0:  # Gaussian seed maps pull the probability of the seed's class up
+        two_s2 = 2 * opt["click_spread_mm"] ** 2
+        pull_fg, pull_bg = np.exp(-(d_fg**2) / two_s2), np.exp(-(d_bg**2) / two_s2)
+        fg_p = (prob_box[1] + (1 - prob_box[1]) * pull_fg) * (1 - pull_bg)
+        prob_box = np.stack([1 - fg_p, fg_p]).astype(np.float32)
+    sub = {
+        "image": np.ascontiguousarray(image()[box][None]),
+        "prob": np.ascontiguousarray(prob_box),
+        "scribbles": scribbles[None],
+    }
+    sub = MakeISegUnaryd(image="image", logits="prob", scribbles="scribbles", unary="unary",
+                         scribbles_bg_label=BG_SCRIBBLE, scribbles_fg_label=FG_SCRIBBLE)(sub)
+    sub["unary"] = np.ascontiguousarray(sub["unary"], dtype=np.float32)
+    sub = ApplyGraphCutOptimisationd(unary="unary", pairwise="image", post_proc_label="label",
+                                     lamda=opt["lamda"], sigma=opt["sigma"])(sub)
+    label = np.asarray(sub["label"]).reshape(tuple(hi - lo)) > 0.5
+    # the cut's "certain" voxels cost -log(eps) ~ 16, which a strong smoothing term can outweigh: enforce them
+    label[~near] = auto[~near]
+    label[fg_seed] = True  # every seed voxel gets its class, whatever the smoothing says
+    label[bg_seed] = False
+    out = base.copy()
+    out[box] = label
+    return out, {"box": (hi - lo).tolist(), "changed": int((label != auto).sum())}
+
+
 class ClickRefined(MapTransform):
     """Replace the 2-channel probability ``keys`` (on the image grid) by the click-refined one-hot result."""
 
@@ -94,97 +185,118 @@ class ClickRefined(MapTransform):
                 raise BadInput(f"'{k}' must be >= 0, got {d.get(k)!r}")
         return p
 
-    def _image(self, d, shape: Sequence[int]) -> np.ndarray:
-        """The input image on its own grid, scaled to 0..1 by its 0.5 / 99.5 percentiles (the graph's edges)."""
+    def _load(self, path: str, shape: Sequence[int], what: str) -> np.ndarray:
+        """A volume read as the image is read (same reader, same axis order), on the image's grid."""
         from medurwkv.transforms import LoadVolumed
 
-        img = LoadVolumed(keys="image")({"image": d[self.image_path_key]})["image"]
-        arr = np.asarray(img, dtype=np.float32).reshape(tuple(shape))  # drops a singleton channel axis only
+        arr = np.asarray(LoadVolumed(keys="image")({"image": path})["image"], dtype=np.float32)
+        if arr.size != int(np.prod(shape)):
+            raise BadInput(f"{what} has shape {list(np.squeeze(arr).shape)}, the image {list(shape)}: it must be on the image's grid")
+        return arr.reshape(tuple(shape))  # drops a singleton channel axis only
+
+    def _image(self, d, shape: Sequence[int]) -> np.ndarray:
+        """The input image on its own grid, scaled to 0..1 by its 0.5 / 99.5 percentiles (the graph's edges)."""
+        arr = self._load(d[self.image_path_key], shape, "the image")
         lo, hi = np.percentile(arr, [0.5, 99.5])
         return np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
 
+    def _seeds(self, d, spatial: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], str]:
+        """Foreground and background seed masks, the segmentation to correct (None: the network's), the region
+        the result is confined to (None: everywhere) and a description for the log."""
+        fg, bg = parse_clicks(d)
+        masks = []
+        for kind, points in (("foreground", fg), ("background", bg)):
+            mask = np.zeros(tuple(spatial), bool)
+            for point in points:
+                q = point[:2] if len(spatial) == 2 and len(point) == 3 and point[2] == 0 else point  # 2D: [i, j, 0]
+                if len(q) != len(spatial):
+                    raise BadInput(f"{kind} click {point} does not fit a {len(spatial)}D image of size {list(spatial)}")
+                if any(not 0 <= x < n for x, n in zip(q, spatial)):
+                    raise BadInput(f"{kind} click {point} is outside the image (size {list(spatial)})")
+                mask[tuple(q)] = True
+            masks.append(mask)
+        return masks[0], masks[1], None, None, f"{len(fg)} foreground / {len(bg)} background click(s)"
+
+    seed_radius_key = "click_radius_mm"
+
     def __call__(self, data):
         d = dict(data)
-        fg, bg = parse_clicks(d)
         for key in self.key_iterator(d):
             prob = d[key]
-            if not (fg or bg):
-                continue  # no clicks: exactly the automatic segmentation
             arr = prob.detach().cpu().float().numpy() if torch.is_tensor(prob) else np.asarray(prob, np.float32)
-            if arr.shape[0] != 2:
-                raise BadInput(f"click refinement needs a 2-class model, this one has {arr.shape[0]} classes")
             spatial = arr.shape[1:]
-            clicks = []
-            for kind, points in ((FG_SCRIBBLE, fg), (BG_SCRIBBLE, bg)):
-                name = "foreground" if kind == FG_SCRIBBLE else "background"
-                for point in points:
-                    q = point[:2] if len(spatial) == 2 and len(point) == 3 and point[2] == 0 else point  # 2D: [i, j, 0]
-                    if len(q) != len(spatial):
-                        raise BadInput(f"{name} click {point} does not fit a {len(spatial)}D image of size {list(spatial)}")
-                    if any(not 0 <= x < n for x, n in zip(q, spatial)):
-                        raise BadInput(f"{name} click {point} is outside the image (size {list(spatial)})")
-                    clicks.append((kind, np.array(q)))
+            fg, bg, base, roi, what = self._seeds(d, spatial)
+            if base is None and roi is None and not (fg.any() or bg.any()):
+                continue  # nothing to do: exactly the automatic segmentation
+            if arr.shape[0] != 2:
+                raise BadInput(f"interactive correction needs a 2-class model, this one has {arr.shape[0]} classes")
             opt = self._params(d)
-            affine = getattr(prob, "affine", None)
-            affine = np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
-            spacing = np.linalg.norm(affine[: len(spatial), : len(spatial)], axis=0)
-            spacing = np.where(spacing > 0, spacing, 1.0)
-
-            pts = np.stack([q for _, q in clicks])
-            margin = np.ceil((opt["roi_margin_mm"] + opt["click_radius_mm"]) / spacing).astype(int)
-            lo = np.maximum(pts.min(0) - margin, 0)
-            hi = np.minimum(pts.max(0) + margin + 1, spatial)
-            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-            grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
-            dist2 = [sum(((g - c) * sp) ** 2 for g, c, sp in zip(grid, q, spacing)) for _, q in clicks]  # mm^2
-            auto = arr[(1,) + box] > arr[(0,) + box]
-            # only voxels within roi_margin_mm of a click may change: elsewhere the automatic label is a constraint
-            near = np.min(dist2, axis=0) <= opt["roi_margin_mm"] ** 2
-            scribbles = np.where(auto, FG_SCRIBBLE, BG_SCRIBBLE).astype(np.float32)
-            scribbles[near] = 0
-            balls = []
-            for (kind, q), d2 in zip(clicks, dist2):
-                ball = d2 <= opt["click_radius_mm"] ** 2
-                ball[tuple(q - lo)] = True
-                scribbles[ball] = kind
-                balls.append((kind, ball))
-
-            prob_box = arr[(slice(None),) + box].copy()
-            if opt["click_spread_mm"] > 0:  # Gaussian click maps pull the probability of the click's class up
-                pull = {kind: np.zeros(auto.shape) for kind in (FG_SCRIBBLE, BG_SCRIBBLE)}
-                for (kind, _), d2 in zip(clicks, dist2):
-                    pull[kind] = np.maximum(pull[kind], np.exp(-d2 / (2 * opt["click_spread_mm"] ** 2)))
-                fg_p = (prob_box[1] + (1 - prob_box[1]) * pull[FG_SCRIBBLE]) * (1 - pull[BG_SCRIBBLE])
-                prob_box = np.stack([1 - fg_p, fg_p]).astype(np.float32)
-            image = self._image(d, spatial)
-            sub = {
-                "image": np.ascontiguousarray(image[box][None]),
-                "prob": np.ascontiguousarray(prob_box),
-                "scribbles": scribbles[None],
-            }
-            sub = MakeISegUnaryd(image="image", logits="prob", scribbles="scribbles", unary="unary",
-                                 scribbles_bg_label=BG_SCRIBBLE, scribbles_fg_label=FG_SCRIBBLE)(sub)
-            sub["unary"] = np.ascontiguousarray(sub["unary"], dtype=np.float32)
-            sub = ApplyGraphCutOptimisationd(unary="unary", pairwise="image", post_proc_label="label",
-                                             lamda=opt["lamda"], sigma=opt["sigma"])(sub)
-            label = np.asarray(sub["label"]).reshape(tuple(hi - lo)) > 0.5
-            # the cut's "certain" voxels cost -log(eps) ~ 16, which a strong smoothing term can outweigh: enforce them
-            label[~near] = auto[~near]
-            for kind, ball in balls:  # every clicked voxel gets its click's class, whatever the smoothing says
-                label[ball] = kind == FG_SCRIBBLE
-
+            radius = opt[self.seed_radius_key] if self.seed_radius_key else 0.0
+            label, info = refine_near_seeds(
+                arr, _spacing(prob, len(spatial)), lambda: self._image(d, spatial), fg, bg, opt, radius, base
+            )
+            if roi is not None:  # outside the ROI nothing changes
+                label = np.where(roi, label, arr[1] > arr[0] if base is None else base)
             out = arr.copy()
-            out[(1,) + box] = label
-            out[(0,) + box] = ~label
+            out[1], out[0] = label, ~label
             refined = torch.as_tensor(out)
             d[key] = prob.clone().copy_(refined) if torch.is_tensor(prob) else out
-            changed = int((label != (arr[(1,) + box] > arr[(0,) + box])).sum())
-            logger.info(
-                f"click refinement: {len(fg)} foreground / {len(bg)} background click(s), box {list(hi - lo)} voxels, "
-                f"{changed} voxel(s) changed"
-            )
+            logger.info(f"{type(self).__name__}: {what}, box {info['box']} voxels, {info['changed']} voxel(s) changed")
         return d
+
+
+class ScribblesRefined(ClickRefined):
+    """As :class:`ClickRefined`, with the seeds painted in 3D Slicer's Scribbles tool.
+
+    What Slicer sends (its ``onUpdateScribbles``): the whole segmentation as one label volume on the image's grid
+    (``label``: a path), ``label_info`` (``[{"name", "id"}, ...]``: which value is which segment), the segment the
+    result is for (``selected_label_name``) and an optional ``roi`` (voxel bounds ``[i0, i1, j0, j1, k0, k1]``).
+    Scribble values come from ``label_info`` (``foreground_scribbles`` / ``background_scribbles``), else MONAI
+    Label's defaults 3 / 2. The segmentation corrected is the user's own (the selected segment, or value 1 when
+    there is no ``label_info``), so edits far from the strokes are kept; without it, the network's. With an ROI,
+    only strokes inside it count and nothing outside it changes. No strokes: the segmentation sent (or the
+    network's) comes back unchanged.
+    """
+
+    seed_radius_key = None  # a painted stroke already has its width
+
+    def __init__(self, keys: str = "pred", label_key: str = "label", target: str = "", **kwargs):
+        super().__init__(keys, **kwargs)
+        self.defaults.pop("click_radius_mm")
+        self.label_key, self.target = label_key, target
+
+    def _seeds(self, d, spatial):
+        path = d.get(self.label_key)
+        if not isinstance(path, str) or not path:
+            raise BadInput("scribbles need the segmentation with the strokes as 'label' (a label volume on the image's grid)")
+        values = np.rint(self._load(path, spatial, "the scribbles label")).astype(np.int64)
+        info = d.get("label_info") or []
+        if not isinstance(info, (list, tuple)) or not all(isinstance(x, dict) for x in info):
+            raise BadInput(f"'label_info' must be a list of {{'name': ..., 'id': ...}}, got {info!r}")
+        try:
+            ids = {str(x.get("name")): int(x.get("id", x.get("idx"))) for x in info}
+        except (TypeError, ValueError):
+            raise BadInput(f"every 'label_info' entry needs an integer 'id', got {info!r}") from None
+        fg, bg = values == ids.get("foreground_scribbles", FG_SCRIBBLE), values == ids.get("background_scribbles", BG_SCRIBBLE)
+        target_id = ids.get(d.get("selected_label_name") or self.target) if info else 1
+        base = values == target_id if target_id is not None and (values == target_id).any() else None
+        roi = d.get("roi") or []
+        if roi:
+            try:
+                bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(spatial))]
+            except (TypeError, ValueError, IndexError):
+                raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
+            inside = np.zeros(tuple(spatial), bool)
+            inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
+            if not inside.any():
+                raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(spatial)})")
+            fg &= inside
+            bg &= inside
+        else:
+            inside = None
+        what = f"{int(fg.sum())} foreground / {int(bg.sum())} background scribble voxel(s)"
+        what += ", correcting the segmentation sent" if base is not None else ", correcting the network's segmentation"
+        return fg, bg, base, inside, what
 
 
 class MedURWKVClicks(MedURWKVInfer):
@@ -223,9 +335,37 @@ class MedURWKVClicks(MedURWKVInfer):
         at = next((i for i, t in enumerate(transforms) if isinstance(t, AsDiscreted)), None)
         if at is None:
             raise RuntimeError("the bundle's postprocessing has no AsDiscreted(argmax) step to refine before")
-        transforms.insert(at, ClickRefined(keys=self.key_pred, **self.refine_defaults))
+        transforms.insert(at, self.refiner())
         return transforms
+
+    def refiner(self) -> ClickRefined:
+        return ClickRefined(keys=self.key_pred, **self.refine_defaults)
 
     def __call__(self, request, callbacks=None):
         parse_clicks(request)  # malformed click lists fail before the volume is segmented
         return super().__call__(request, callbacks)
+
+
+class MedURWKVScribbles(MedURWKVClicks):
+    """The bundle's model with scribble-guided correction (type ``scribbles``: 3D Slicer's Scribbles section).
+
+    Same network, cache and request budget as the automatic task (``share``); the strokes steer the refinement of
+    :class:`ScribblesRefined` (``roi_margin_mm``, ``click_spread_mm``, ``lamda``, ``sigma`` as for clicks).
+    """
+
+    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
+        super().__init__(path, conf, share=share)
+        self.type = InferType.SCRIBBLES
+        self.refine_defaults.pop("click_radius_mm")
+        self._config.pop("click_radius_mm", None)
+        self.description = (
+            "Med-URWKV with scribble-guided correction: foreground/background strokes correct the segmentation "
+            "near them (ISeg unary + graph cut on the network's probabilities); the rest of it is kept."
+        )
+
+    def refiner(self):
+        target = next(iter(self.labels), "") if isinstance(self.labels, dict) else ""
+        return ScribblesRefined(keys=self.key_pred, target=target, **self.refine_defaults)
+
+    def __call__(self, request, callbacks=None):
+        return MedURWKVInfer.__call__(self, request, callbacks)  # no click lists to check up front
