@@ -309,6 +309,43 @@ def test_dataset_folder_as_studies_is_linked_not_written(tmp_path):
     assert studies.resolve_studies(str(SAMPLE / "imagesTr"), str(app)) == str(SAMPLE / "imagesTr")  # plain folder
 
 
+def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.infers.medurwkv import ProbabilityCache, _file_stamp
+    finally:
+        sys.path.remove(str(APP))
+    f = tmp_path / "t1.nii.gz"
+    f.write_bytes(b"x" * 10)
+    first = _file_stamp(str(f))
+    os.utime(f, ns=(first[1] + 10**9, first[1] + 10**9))
+    assert _file_stamp(str(f)) != first  # rewritten (same size, new mtime)
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "IM_1.dcm").write_bytes(b"a")
+    one = _file_stamp(str(series))
+    (series / "IM_2.dcm").write_bytes(b"b")
+    assert _file_stamp(str(series)) != one  # a slice added to a DICOM series
+    assert _file_stamp(str(tmp_path / "gone.nii.gz")) is None
+
+    cache = ProbabilityCache(max_entries=2, max_bytes=1000)
+    entry = lambda n: {"pred": torch.zeros(n), "image_meta_dict": {"affine": [1]}}  # noqa: E731 (float32: 4 n bytes)
+    cache.put(("a",), entry(100))
+    cache.put(("b",), entry(100))
+    assert cache.get(("a",)) is not None  # now the most recently used
+    cache.put(("c",), entry(100))  # three entries > max_entries: the least recently used ("b") goes
+    assert cache.get(("b",)) is None and cache.get(("a",)) is not None and cache.get(("c",)) is not None
+    cache.put(("d",), entry(200))  # one too many ("a" goes), then 400 + 800 bytes > max_bytes ("c" goes)
+    assert cache.get(("a",)) is None and cache.get(("c",)) is None and cache.get(("d",)) is not None
+    cache.put(("e",), entry(300))  # larger than max_bytes alone: not kept, nothing evicted for it
+    assert cache.get(("e",)) is None and cache.get(("d",)) is not None
+    off = ProbabilityCache(max_entries=0)
+    off.put(("a",), entry(1))
+    assert off.get(("a",)) is None
+
+
 # ------------------------------------------------------------------------------------- server, in order
 def test_info_lists_model_and_says_there_are_no_weights(ctx):
     from monailabel.client.client import MONAILabelClientException
@@ -621,8 +658,9 @@ def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
     from monailabel.client.client import MONAILabelClientException
 
     auto, affine, _, _ = _infer(ctx, "itk_c")
-    path, _ = ctx.client.infer(f"{MODEL}_clicks", "itk_c", {})
+    path, params = ctx.client.infer(f"{MODEL}_clicks", "itk_c", {})
     assert np.array_equal(np.asanyarray(nib.load(path).dataobj), auto)
+    assert params["probabilities"] == "cached"  # the network's output of Auto Segmentation, not run again
 
     from scipy import ndimage as ndi
 

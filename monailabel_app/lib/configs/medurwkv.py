@@ -6,7 +6,7 @@ manage yourself), then the repository's ``bundle/`` next to the app. The weights
 
 ``--conf`` keys read here (all optional): ``bundle``, ``preload`` (load the weights before serving; default:
 in the background), ``amp`` (GPU mixed precision, default true), ``infer_concurrency`` (requests segmented at
-once, default 2), ``max_epochs`` and ``val_split`` (training defaults shown in Slicer), ``pretrained_encoder``,
+once, default 2), ``prob_cache`` / ``prob_cache_mb`` (network outputs kept for clicks, default 2 volumes, 1024 MB), ``max_epochs`` and ``val_split`` (training defaults shown in Slicer), ``pretrained_encoder``,
 ``mc_dropout`` (dropout p for scoring, default 0.2), ``mc_passes`` (default 8), ``mc_slices`` (default 16),
 ``reserve_s`` (seconds a volume handed out by ``uncertainty`` is skipped for others, default 600), ``clicks``
 (also serve the click- and scribble-guided correction models ``<name>_clicks`` and ``<name>_scribbles``, default

@@ -159,6 +159,8 @@ def refine_near_seeds(
 class ClickRefined(MapTransform):
     """Replace the 2-channel probability ``keys`` (on the image grid) by the click-refined one-hot result."""
 
+    needs_probabilities = True  # MedURWKVInfer caches the network's output up to this step
+
     def __init__(
         self,
         keys: str = "pred",
@@ -316,6 +318,7 @@ class MedURWKVClicks(MedURWKVInfer):
             self._network_lock = share._network_lock
             self._device_locks = share._device_locks
             self._semaphore = share._semaphore
+            self._prob_cache = share._prob_cache  # a click after Auto Segmentation reuses its network output
         self.type = InferType.DEEPGROW
         self.refine_defaults = {
             "click_radius_mm": float(conf.get("click_radius_mm", "3")),

@@ -18,6 +18,10 @@ What this class adds to the stock task:
 * **Concurrency control.** At most ``concurrency`` requests run at once in this task and the network runs one
   batch at a time per device; together with ``lib.server`` (which moves ``/infer`` off the event loop) the
   server keeps answering ``/info/`` while volumes are segmented.
+* **One network run per volume for interactive work.** The softmax on the image grid (and what the remaining
+  steps need) is kept for the last ``prob_cache`` volumes, keyed by the image and weights files' stamps and the
+  options; a click, stroke or re-run on the same volume only runs the steps from ``AsDiscreted`` (or the
+  refinement before it) on. The result JSON says ``"probabilities": "cached"`` or ``"computed"``.
 * **Input errors are the client's.** An unreadable volume fails at loading with HTTP 422 and the reader's message.
 """
 
@@ -29,12 +33,13 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from monai.inferers import Inferer, SliceInferer
-from monai.transforms import LoadImaged, SaveImaged
+from monai.transforms import AsDiscreted, LoadImaged, SaveImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.interfaces.utils.transform import run_transforms
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -106,6 +111,57 @@ def strict_load(network: torch.nn.Module, state: Dict[str, torch.Tensor], path: 
     network.load_state_dict(state, strict=True)
 
 
+def _file_stamp(path: str) -> Optional[Tuple]:
+    """What changes when a file, or any file of a folder (a DICOM series), is rewritten; None if it is gone."""
+    try:
+        if os.path.isdir(path):
+            st = [e.stat() for e in os.scandir(path) if e.is_file()]
+            return ("dir", len(st), max((s.st_mtime_ns for s in st), default=0), sum(s.st_size for s in st))
+        st = os.stat(path)
+        return ("file", st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+class ProbabilityCache:
+    """The last few volumes' softmax probabilities on the image grid, with what the steps after them need.
+
+    Clicks and scribbles are sent one correction at a time; each request used to run the whole network again
+    on the same volume. An entry is keyed by the image file's stamp (path, mtime, size), the weights file's stamp
+    and the options that change the network's output (device, amp, sw_batch_size), so new weights, a rewritten
+    image or other options miss. At most ``max_entries`` volumes (0: off) and ``max_bytes`` of tensors are kept,
+    the least recently used going first; a volume larger than ``max_bytes`` alone is not kept.
+    """
+
+    def __init__(self, max_entries: int = 2, max_bytes: int = 2**30):
+        self.max_entries, self.max_bytes = max(0, int(max_entries)), int(max_bytes)
+        self._entries: "OrderedDict[Tuple, Tuple[Dict[str, Any], int]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def nbytes(entry: Dict[str, Any]) -> int:
+        return sum(v.numel() * v.element_size() for v in entry.values() if torch.is_tensor(v))
+
+    def get(self, key: Optional[Tuple]) -> Optional[Dict[str, Any]]:
+        if key is None or not self.max_entries:
+            return None
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            return self._entries[key][0]
+
+    def put(self, key: Optional[Tuple], entry: Dict[str, Any]) -> None:
+        size = self.nbytes(entry)
+        if key is None or not self.max_entries or size > self.max_bytes:
+            return
+        with self._lock:
+            self._entries[key] = (entry, size)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries or sum(n for _, n in self._entries.values()) > self.max_bytes:
+                self._entries.popitem(last=False)
+
+
 class MedURWKVInfer(BundleInferTask):
     """Segmentation with the bundle's Med-URWKV network (see the module docstring).
 
@@ -162,6 +218,9 @@ class MedURWKVInfer(BundleInferTask):
         self._network_lock = threading.Lock()  # building/reloading the cached networks
         self._device_locks: Dict[str, threading.Lock] = {}
         self._template: Optional[torch.nn.Module] = None
+        self._prob_cache = ProbabilityCache(
+            0 if mc_dropout else int(conf.get("prob_cache", "2")), int(float(conf.get("prob_cache_mb", "1024")) * 2**20)
+        )
 
         config: Dict[str, Any] = {"amp": self._amp_default}  # options shown in Slicer (developer mode)
         if self._default_sw_batch_size is not None:
@@ -226,7 +285,53 @@ class MedURWKVInfer(BundleInferTask):
             i.sw_batch_size = max(1, int(sw))
         return i
 
+    # ------------------------------------------------------------------ probabilities cache
+    _CACHE = "_medurwkv_prob_cache"
+
+    def _prob_key(self, data: Dict[str, Any]) -> Optional[Tuple]:
+        path = data.get("image_path") or data.get(self.input_key)
+        if not isinstance(path, str) or not path:
+            return None
+        image, weights = _file_stamp(path), _file_stamp(self.weights_path)
+        if image is None or weights is None:
+            return None
+        return (os.path.realpath(path), image, weights, str(data.get("device")), str(data.get("amp")), str(data.get("sw_batch_size")))
+
+    def _cache_hit(self, data: Dict[str, Any]) -> bool:
+        return data.get(self._CACHE, (None,))[0] == "hit"
+
     def run_pre_transforms(self, data: Dict[str, Any], transforms):
+        key = self._prob_key(data)
+        entry = self._prob_cache.get(key)
+        if entry is not None:  # the network's output for this volume is known: no loading, no network
+            data[self._CACHE] = ("hit", entry)
+            return data
+        data = self._run_pre_transforms(data, transforms)
+        data[self._CACHE] = ("miss", key)
+        return data
+
+    def run_invert_transforms(self, data: Dict[str, Any], pre_transforms, names):
+        return data if self._cache_hit(data) else super().run_invert_transforms(data, pre_transforms, names)
+
+    def run_post_transforms(self, data: Dict[str, Any], transforms):
+        """The bundle's postprocessing, split before its first step that turns probabilities into labels
+        (``AsDiscreted``, or an interactive refinement placed before it): what comes before is cached."""
+        state, payload = data.pop(self._CACHE, (None, None))
+        transforms = list(transforms)
+        at = next((i for i, t in enumerate(transforms) if isinstance(t, AsDiscreted) or getattr(t, "needs_probabilities", False)), None)
+        if state == "hit":
+            data.update({k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in payload.items()})
+            data["probabilities"] = "cached"
+            return super().run_post_transforms(data, transforms[at:])
+        if at is None or state != "miss":
+            return super().run_post_transforms(data, transforms)
+        data = super().run_post_transforms(data, transforms[:at])
+        keys = [k for k in data if k in (self.input_key, self.output_label_key)
+                or (k.startswith((f"{self.input_key}_", f"{self.output_label_key}_")) and not isinstance(data[k], str))]
+        self._prob_cache.put(payload, {k: data[k].detach().cpu() if torch.is_tensor(data[k]) else copy.deepcopy(data[k]) for k in keys})
+        return super().run_post_transforms(data, transforms[at:])
+
+    def _run_pre_transforms(self, data: Dict[str, Any], transforms):
         """Loading errors are input errors (422); everything after loading is the server's.
 
         MONAI >= 1.5 ``Spacingd`` updates every ``<key>_*`` entry of the dict as a metadata dict, and MONAI
@@ -330,6 +435,8 @@ class MedURWKVInfer(BundleInferTask):
         return nullcontext()
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
+        if self._cache_hit(data):
+            return data
         self._get_network(device, data)  # fail fast (409/500) before taking the device
         with self._device_lock(device), self.amp_context(data, device):
             data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
@@ -354,4 +461,5 @@ class MedURWKVInfer(BundleInferTask):
             weights["loaded_mtime_ns"] = cached[1][0]
         result = dict(result or {})
         result["weights"] = weights
+        result["probabilities"] = data.get("probabilities", "computed")  # "cached": the network did not run again
         return file, result
