@@ -161,20 +161,38 @@ class AtomicCheckpointSaver(CheckpointSaver):
         best_metric = getattr(state, "best_metric", None)
         return {
             "key_metric_filename": self.key_metric_filename,
+            "file_stamp": self._file_stamp(),
             "score": best,
             "best_metric": float(best_metric) if best is not None and best_metric is not None else None,
             "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)) if best is not None else -1,
         }
 
+    def _file_stamp(self) -> Optional[list]:
+        """(mtime_ns, size) of ``key_metric_filename``: whether the file is still the one the score belongs to."""
+        ckpt = self._key_metric_checkpoint
+        if ckpt is None or not self.key_metric_filename:
+            return None
+        try:
+            st = os.stat(os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename)))
+        except OSError:
+            return None
+        return [int(st.st_mtime_ns), int(st.st_size)]
+
     def load_state_dict(self, state: Mapping) -> None:
         """Take a saved best score as the one to beat (see ``state_dict``). Ignored, with a warning, when the file
-        it belongs to is gone: the first validation then writes a new one."""
+        it belongs to is gone or was rewritten since (by hand, or by a validation whose training state was never
+        saved): the first validation then writes a new one, as without a saved score."""
         ckpt, score = self._key_metric_checkpoint, state.get("score")
         if ckpt is None or score is None:
             return
         path = os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename))
-        if state.get("key_metric_filename") != self.key_metric_filename or not os.path.isfile(path):
-            logger.warning(f"Saved best score {score:.4f} ignored: {path} does not hold that model any more")
+        stamp = state.get("file_stamp")
+        if (
+            state.get("key_metric_filename") != self.key_metric_filename
+            or self._file_stamp() is None
+            or (stamp is not None and list(stamp) != self._file_stamp())
+        ):
+            logger.warning(f"Saved best score {score:.4f} ignored: {path} is gone or is not the model it belongs to")
             return
         self.incumbent_score = float(score)
         ckpt._saved = [Checkpoint.Item(self.incumbent_score, str(self.key_metric_filename))]

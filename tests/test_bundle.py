@@ -231,8 +231,8 @@ def test_train_evaluate_resume_then_infer_nifti_dicom_2d(work):
 def _resume_keeps_the_best_model(b: Path, first_score: float) -> None:
     """resume=true continues at the saved epoch and takes model.pt's saved score as the one to beat: model.pt is
     replaced iff the resumed epoch scores higher. A state file whose saved best is unbeatable (1.0) must leave
-    model.pt alone; one without the entry (older versions) resumes with a warning and the first validation
-    replaces model.pt, as before (the control)."""
+    model.pt alone; a saved score is ignored once model.pt was rewritten after it; a state file without the entry
+    (older versions) resumes with a warning and the first validation replaces model.pt, as before (the control)."""
     models = b / "models"
     state1 = (models / "train_state.pt").read_bytes()
 
@@ -257,11 +257,21 @@ def _resume_keeps_the_best_model(b: Path, first_score: float) -> None:
     assert replaced == (score > first_score) and after[0] == pytest.approx(max(score, first_score), abs=1e-6)
 
     state = torch.load(io.BytesIO(state1), map_location="cpu", weights_only=True)
-    state["best_model"].update(score=1.0, best_metric=1.0)
+    st = os.stat(models / "model.pt")  # the first resume may have replaced it: the score is for today's file
+    state["best_model"].update(score=1.0, best_metric=1.0, file_stamp=[st.st_mtime_ns, st.st_size])
     buf = io.BytesIO()
     torch.save(state, buf)
     seeded, score, after, replaced = resume(buf.getvalue())
     assert seeded == (1.0, 1) and score < 1.0 and not replaced and after == (1.0, 1)
+
+    # model.pt rewritten after the state was saved (by hand, or by a validation whose state never got saved):
+    # the saved score is not that file's any more and is ignored
+    os.utime(models / "model.pt", ns=(os.stat(models / "model.pt").st_atime_ns, os.stat(models / "model.pt").st_mtime_ns + 10**9))
+    (models / "train_state.pt").write_bytes(buf.getvalue())
+    wf = _workflow(b, "train.json", "train", **{**TINY_TRAIN, "epochs": 2, "resume": True})
+    wf.initialize()
+    assert wf.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == -1
+    wf.finalize()
 
     del state["best_model"]
     buf = io.BytesIO()

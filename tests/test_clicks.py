@@ -156,8 +156,21 @@ def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_m
     assert b[2] == c[2] < f[2]
     roi = [shape[0], 0, 0, shape[1], 0, int(c[2]) + 1]
     boxed = refine(only_strokes, roi=roi, label_info=info[1:], selected_label_name="brain")
-    assert np.array_equal(boxed[:, :, c[2] + 1 :], case["wrong"][:, :, c[2] + 1 :])  # the missed ball stays missed
+    kept = case["wrong"] | fg_stroke  # outside the ROI: the network's mask, the painted voxels taking their class
+    assert np.array_equal(boxed[:, :, c[2] + 1 :], kept[:, :, c[2] + 1 :])  # the rest of the missed ball stays missed
     assert not (boxed & case["blob"])[:, :, : c[2] + 1].any() and (case["wrong"] & case["blob"])[:, :, c[2] + 1 :].any()
+    # a stroke painted over the segment outside the ROI leaves no hole there
+    over = user.astype(int)
+    inner = ndi.binary_erosion(user, iterations=3) & (np.indices(shape)[2] == c[2] + 4)
+    stroke_over = np.zeros(shape, bool)
+    stroke_over[tuple(np.argwhere(inner)[:5].T)] = True
+    over[stroke_over] = 3
+    assert refine(over, roi=roi, **req)[stroke_over].all()
+
+    # label_info without stroke names: its values are segments, not strokes (here a "skull" segment numbered 2)
+    skull = np.where(values == 2, 2, user.astype(int))
+    assert np.array_equal(refine(skull, label_info=[{"name": "brain", "id": 1}, {"name": "skull", "id": 2}],
+                                 selected_label_name="brain"), skull == 1)
 
     with pytest.raises(BadInput, match="must be on the image's grid"):
         path = tmp_path / "small.nii.gz"
@@ -167,8 +180,27 @@ def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_m
         ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE)})
     with pytest.raises(BadInput, match="'roi' must be voxel bounds"):
         refine(values, roi=["a"] * 6, **req)
+    with pytest.raises(BadInput, match="'roi' must be voxel bounds"):
+        refine(values, roi={"x": 1}, **req)
     with pytest.raises(BadInput, match="needs an integer 'id'"):
         refine(values, label_info=[{"name": "brain", "id": "one"}])
+    with pytest.raises(BadInput, match="same id 2"):
+        refine(values, label_info=[{"name": "foreground_scribbles", "id": 2}, {"name": "background_scribbles", "id": 2}])
+    with pytest.raises(BadInput, match="'selected_label_name' must be a segment name"):
+        refine(values, label_info=info, selected_label_name=["brain"])
+    with pytest.raises(BadInput, match=r"has shape \[.*\], the image .*must be on the image's grid"):
+        refine(values.transpose(2, 1, 0), **req)  # the same number of voxels, axes swapped
+    with pytest.raises(BadInput, match="not its position/orientation"):
+        path = tmp_path / "shifted.nii.gz"
+        shifted = case["affine"].copy()
+        shifted[:3, 3] += 5.0
+        nib.save(nib.Nifti1Image(values.astype(np.uint8), shifted), path)
+        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
+    with pytest.raises(BadInput, match="the scribbles label could not be read") as e:
+        path = tmp_path / "broken.nii.gz"
+        path.write_bytes(b"not a volume")
+        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
+    assert str(tmp_path) not in str(e.value)  # no server paths in client messages
 
 
 def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():

@@ -34,6 +34,7 @@ voxels as seeds (no ball around them) and correct the segmentation Slicer sends 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,7 +45,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.scribbles.transforms import ApplyGraphCutOptimisationd, MakeISegUnaryd
 
 from ..errors import BadInput
-from .medurwkv import MedURWKVInfer
+from .medurwkv import MedURWKVInfer, _root_message
 
 logger = logging.getLogger(__name__)
 
@@ -187,14 +188,26 @@ class ClickRefined(MapTransform):
                 raise BadInput(f"'{k}' must be >= 0, got {d.get(k)!r}")
         return p
 
-    def _load(self, path: str, shape: Sequence[int], what: str) -> np.ndarray:
-        """A volume read as the image is read (same reader, same axis order), on the image's grid."""
+    def _load(self, path: str, shape: Sequence[int], what: str, affine: Optional[np.ndarray] = None) -> np.ndarray:
+        """A volume read as the image is read (same reader, same axis order), on the image's grid: the same shape
+        and, when ``affine`` is given, the same voxel-to-world matrix (to 0.01 mm); else a 422 that says so."""
         from medurwkv.transforms import LoadVolumed
 
-        arr = np.asarray(LoadVolumed(keys="image")({"image": path})["image"], dtype=np.float32)
-        if arr.size != int(np.prod(shape)):
-            raise BadInput(f"{what} has shape {list(np.squeeze(arr).shape)}, the image {list(shape)}: it must be on the image's grid")
-        return arr.reshape(tuple(shape))  # drops a singleton channel axis only
+        try:
+            loaded = LoadVolumed(keys="image")({"image": path})["image"]
+        except Exception as e:
+            raise BadInput(f"{what} could not be read: {_root_message(e).replace(path, os.path.basename(path))}") from None
+        arr = np.asarray(loaded, dtype=np.float32)
+        if arr.ndim == len(shape) + 1 and arr.shape[0] == 1:
+            arr = arr[0]  # a singleton channel axis
+        if arr.shape != tuple(shape):
+            raise BadInput(f"{what} has shape {list(arr.shape)}, the image {list(shape)}: it must be on the image's grid")
+        own = getattr(loaded, "affine", None)
+        if affine is not None and own is not None:
+            own = np.asarray(own, dtype=np.float64)
+            if own.shape != affine.shape or not np.allclose(own, affine, atol=1e-2):
+                raise BadInput(f"{what} has the image's shape but not its position/orientation: it must be on the image's grid")
+        return arr
 
     def _image(self, d, shape: Sequence[int]) -> np.ndarray:
         """The input image on its own grid, scaled to 0..1 by its 0.5 / 99.5 percentiles (the graph's edges)."""
@@ -202,9 +215,11 @@ class ClickRefined(MapTransform):
         lo, hi = np.percentile(arr, [0.5, 99.5])
         return np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
 
-    def _seeds(self, d, spatial: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], str]:
+    def _seeds(self, d, prob) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], str]:
         """Foreground and background seed masks, the segmentation to correct (None: the network's), the region
-        the result is confined to (None: everywhere) and a description for the log."""
+        the result is confined to (None: everywhere; outside it the result is that segmentation) and a
+        description for the log. ``prob``: the (2, *spatial) probabilities (a MetaTensor on the image grid)."""
+        spatial = tuple(prob.shape[1:])
         fg, bg = parse_clicks(d)
         masks = []
         for kind, points in (("foreground", fg), ("background", bg)):
@@ -227,7 +242,7 @@ class ClickRefined(MapTransform):
             prob = d[key]
             arr = prob.detach().cpu().float().numpy() if torch.is_tensor(prob) else np.asarray(prob, np.float32)
             spatial = arr.shape[1:]
-            fg, bg, base, roi, what = self._seeds(d, spatial)
+            fg, bg, base, roi, what = self._seeds(d, prob)
             if base is None and roi is None and not (fg.any() or bg.any()):
                 continue  # nothing to do: exactly the automatic segmentation
             if arr.shape[0] != 2:
@@ -237,8 +252,8 @@ class ClickRefined(MapTransform):
             label, info = refine_near_seeds(
                 arr, _spacing(prob, len(spatial)), lambda: self._image(d, spatial), fg, bg, opt, radius, base
             )
-            if roi is not None:  # outside the ROI nothing changes
-                label = np.where(roi, label, arr[1] > arr[0] if base is None else base)
+            if roi is not None:  # outside the ROI: the segmentation corrected (with the strokes painted there)
+                label = np.where(roi, label, base)
             out = arr.copy()
             out[1], out[0] = label, ~label
             refined = torch.as_tensor(out)
@@ -254,10 +269,12 @@ class ScribblesRefined(ClickRefined):
     (``label``: a path), ``label_info`` (``[{"name", "id"}, ...]``: which value is which segment), the segment the
     result is for (``selected_label_name``) and an optional ``roi`` (voxel bounds ``[i0, i1, j0, j1, k0, k1]``).
     Scribble values come from ``label_info`` (``foreground_scribbles`` / ``background_scribbles``), else MONAI
-    Label's defaults 3 / 2. The segmentation corrected is the user's own (the selected segment, or value 1 when
-    there is no ``label_info``), so edits far from the strokes are kept; without it, the network's. With an ROI,
-    only strokes inside it count and nothing outside it changes. No strokes: the segmentation sent (or the
-    network's) comes back unchanged.
+    Label's defaults 3 / 2 when there is no ``label_info`` (with it, a name it lacks means no strokes of that
+    class). The segmentation corrected is the user's own (the selected segment, or value 1 when there is no
+    ``label_info``), so edits far from the strokes are kept; without it, the network's. With an ROI, only strokes
+    inside it steer the refinement and outside it the segmentation is kept (voxels painted there take their
+    stroke's class). No strokes: the segmentation sent (or the network's) comes back unchanged. A stroke volume
+    that cannot be read or is not on the image's grid (shape and voxel-to-world matrix) is a 422.
     """
 
     seed_radius_key = None  # a painted stroke already has its width
@@ -267,11 +284,14 @@ class ScribblesRefined(ClickRefined):
         self.defaults.pop("click_radius_mm")
         self.label_key, self.target = label_key, target
 
-    def _seeds(self, d, spatial):
+    def _seeds(self, d, prob):
+        spatial = tuple(prob.shape[1:])
         path = d.get(self.label_key)
         if not isinstance(path, str) or not path:
             raise BadInput("scribbles need the segmentation with the strokes as 'label' (a label volume on the image's grid)")
-        values = np.rint(self._load(path, spatial, "the scribbles label")).astype(np.int64)
+        affine = getattr(prob, "affine", None)
+        affine = None if affine is None else np.asarray(affine, dtype=np.float64)
+        values = np.rint(self._load(path, spatial, "the scribbles label", affine)).astype(np.int64)
         info = d.get("label_info") or []
         if not isinstance(info, (list, tuple)) or not all(isinstance(x, dict) for x in info):
             raise BadInput(f"'label_info' must be a list of {{'name': ..., 'id': ...}}, got {info!r}")
@@ -279,26 +299,41 @@ class ScribblesRefined(ClickRefined):
             ids = {str(x.get("name")): int(x.get("id", x.get("idx"))) for x in info}
         except (TypeError, ValueError):
             raise BadInput(f"every 'label_info' entry needs an integer 'id', got {info!r}") from None
-        fg, bg = values == ids.get("foreground_scribbles", FG_SCRIBBLE), values == ids.get("background_scribbles", BG_SCRIBBLE)
-        target_id = ids.get(d.get("selected_label_name") or self.target) if info else 1
-        base = values == target_id if target_id is not None and (values == target_id).any() else None
-        roi = d.get("roi") or []
-        if roi:
-            try:
-                bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(spatial))]
-            except (TypeError, ValueError, IndexError):
-                raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
-            inside = np.zeros(tuple(spatial), bool)
-            inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
-            if not inside.any():
-                raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(spatial)})")
-            fg &= inside
-            bg &= inside
+        if info:  # Slicer numbers its segments in order: only the names it sends say which value is a stroke
+            fg_id, bg_id = ids.get("foreground_scribbles"), ids.get("background_scribbles")
         else:
-            inside = None
+            fg_id, bg_id = FG_SCRIBBLE, BG_SCRIBBLE
+        if fg_id is not None and fg_id == bg_id:
+            raise BadInput(f"foreground and background scribbles have the same id {fg_id} in 'label_info'")
+        fg = values == fg_id if fg_id is not None else np.zeros(spatial, bool)
+        bg = values == bg_id if bg_id is not None else np.zeros(spatial, bool)
+        target = d.get("selected_label_name") or self.target
+        if not isinstance(target, str):
+            raise BadInput(f"'selected_label_name' must be a segment name, got {target!r}")
+        target_id = ids.get(target) if info else 1
+        base = values == target_id if target_id is not None and (values == target_id).any() else None
         what = f"{int(fg.sum())} foreground / {int(bg.sum())} background scribble voxel(s)"
         what += ", correcting the segmentation sent" if base is not None else ", correcting the network's segmentation"
-        return fg, bg, base, inside, what
+        roi = d.get("roi") or []
+        if not roi:
+            return fg, bg, base, None, what
+        if not isinstance(roi, (list, tuple)):
+            raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}")
+        try:
+            bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(spatial))]
+        except (TypeError, ValueError, IndexError):
+            raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
+        inside = np.zeros(spatial, bool)
+        inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
+        if not inside.any():
+            raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(spatial)})")
+        # outside the ROI the strokes do not steer the refinement, but the voxels painted there keep their class
+        # (Slicer paints strokes over the segment: without this they would come back as holes)
+        p = prob.detach().cpu().numpy() if torch.is_tensor(prob) else np.asarray(prob)
+        base = p[1] > p[0] if base is None else base.copy()
+        base[fg & ~inside] = True
+        base[bg & ~inside] = False
+        return fg & inside, bg & inside, base, inside, what
 
 
 class MedURWKVClicks(MedURWKVInfer):
