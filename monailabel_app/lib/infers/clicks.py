@@ -198,8 +198,10 @@ class ClickRefined(MapTransform):
         except Exception as e:
             raise BadInput(f"{what} could not be read: {_root_message(e).replace(path, os.path.basename(path))}") from None
         arr = np.asarray(loaded, dtype=np.float32)
-        if arr.ndim == len(shape) + 1 and arr.shape[0] == 1:
+        while arr.ndim > len(shape) and arr.shape[0] == 1:
             arr = arr[0]  # a singleton channel axis
+        while arr.ndim > len(shape) and arr.shape[-1] == 1:
+            arr = arr[..., 0]  # a singleton 4th axis (NIfTI)
         if arr.shape != tuple(shape):
             raise BadInput(f"{what} has shape {list(arr.shape)}, the image {list(shape)}: it must be on the image's grid")
         own = getattr(loaded, "affine", None)
