@@ -261,7 +261,8 @@ class ResumeTraining:
             CheckpointLoader(load_path=self.model_path, load_dict={"model": self.network}, map_location=self.map_location)(engine)
             engine.logger.warning(
                 f"{self.state_path} not found: loaded the network weights of {self.model_path} only; "
-                "the optimizer, LR schedule and epoch count start afresh"
+                "the optimizer, LR schedule and epoch count start afresh (the bundle validates these weights first, "
+                "validate_start_weights, so only a better model replaces them)"
             )
             return self.model_path
         raise FileNotFoundError(f"resume=true but there is nothing to resume from: neither {self.state_path} nor {self.model_path} exists")

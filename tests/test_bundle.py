@@ -313,6 +313,13 @@ def test_fine_tuning_that_does_worse_keeps_the_model_it_started_from(tmp_path):
     kept = torch.load(weights, map_location="cpu", weights_only=True)
     assert all(torch.equal(kept[k], incumbent[k]) for k in incumbent)
 
+    # resume=true without train_state.pt starts from model.pt's weights: they are validated first, as fine-tuning
+    (b / "models" / "train_state.pt").unlink()
+    last, best_epoch, incumbent_score = train(resume=True, learning_rate=10.0)
+    assert incumbent_score > 0.2 and last < incumbent_score - 0.1 and best_epoch == 0
+    kept = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(torch.equal(kept[k], incumbent[k]) for k in incumbent)
+
     last, best_epoch, incumbent_score = train(finetune_from=str(start), learning_rate=10.0, validate_start_weights=False)
     assert incumbent_score is None and best_epoch == 1
     replaced = torch.load(weights, map_location="cpu", weights_only=True)
