@@ -506,10 +506,12 @@ def test_twenty_concurrent_infers_while_info_answers(ctx):
     def one(i):
         client = MONAILabelClient(ctx.server.url, tmpdir=str(ctx.client_dir))
         t = time.time()
-        path, params = client.infer(MODEL, "itk_c", {"client_id": f"load-{i}"})
+        # a different sw_batch_size per request: 20 network runs, none answered from the probability cache
+        path, params = client.infer(MODEL, "itk_c", {"client_id": f"load-{i}", "sw_batch_size": i + 1})
         elapsed = time.time() - t
         shape = nib.load(path).shape
         os.remove(path)
+        assert params["probabilities"] == "computed"
         return elapsed, shape
 
     info_latency = []
