@@ -8,8 +8,9 @@ and records the Dice of the prediction on the volume it was given (what the anno
 after training, the mean Dice on an evaluation set. With ``--clicks N`` it also simulates N SmartEdit clicks on
 that prediction with the click-guided model (``<model>_clicks``), each at the deepest voxel of the largest
 remaining error (foreground where brain was missed, background where something else was taken), and records
-the Dice after each click (``click_dice``); the submitted label is still the ground truth. The curve (Dice against the number of labeled volumes) is
-written as a PNG, and the numbers as JSON next to it.
+the Dice after each click (``click_dice``); ``--scribbles N`` does the same with N Scribbles strokes
+(``<model>_scribbles``, up to 9 voxels each, ``scribble_dice``). The submitted label is still the ground truth.
+The curve (Dice against the number of labeled volumes) is written as a PNG, and the numbers as JSON next to it.
 
     # against a server that is already running (here: started with --studies sample_data)
     python monailabel_app/active_learning_loop.py --server http://127.0.0.1:8000 \\
@@ -105,6 +106,20 @@ def next_click(pred: np.ndarray, truth: np.ndarray) -> Optional[tuple]:
     return ("foreground" if truth[voxel] else "background", [int(v) for v in voxel])
 
 
+def next_stroke(pred: np.ndarray, truth: np.ndarray, length: int = 9) -> Optional[tuple]:
+    """A Scribbles stroke where an annotator would paint next: up to ``length`` voxels along the first axis through
+    :func:`next_click`'s voxel, inside the error it points at, as ``("foreground" | "background", mask)``."""
+    click = next_click(pred, truth)
+    if click is None:
+        return None
+    kind, voxel = click
+    stroke = np.zeros(truth.shape, bool)
+    index = [slice(v, v + 1) for v in voxel]
+    index[0] = slice(max(voxel[0] - length // 2, 0), voxel[0] + length // 2 + 1)
+    stroke[tuple(index)] = True
+    return kind, stroke & (pred != truth) & (truth == (kind == "foreground"))
+
+
 def plot_curve(rows: List[dict], out_png: str, title: str = "Med-URWKV active learning") -> None:
     """Dice against the number of labeled volumes: evaluation mean Dice and Dice on each new sample."""
     import matplotlib
@@ -142,6 +157,8 @@ class Loop:
         self.model = model
         self.strategy = strategy
         self.truth = truth
+        self.tmpdir = tmpdir
+        self.affine: Dict[str, np.ndarray] = {}
 
     def labeled_count(self) -> int:
         return int(self.client.info().get("datastore", {}).get("completed", 0))
@@ -156,6 +173,10 @@ class Loop:
                 return None
             raise
         try:
+            if image:
+                import nibabel as nib
+
+                self.affine[image] = nib.load(out).affine  # the result is on the image's grid
             return read_mask(out)
         finally:
             os.remove(out)
@@ -170,6 +191,31 @@ class Loop:
                 break
             points[click[0]].append(click[1])
             out, _ = self.client.infer(f"{self.model}_clicks", image, dict(points))
+            try:
+                pred = read_mask(out)
+            finally:
+                os.remove(out)
+            scores.append(dice(pred, truth))
+        return scores
+
+    def scribble_correct(self, image: str, pred: np.ndarray, truth: np.ndarray, strokes: int) -> List[float]:
+        """Dice against ``truth`` after each of up to ``strokes`` simulated Scribbles strokes (:func:`next_stroke`),
+        sent as Slicer sends them: the segment being edited (the last result) with all strokes painted over it."""
+        import nibabel as nib
+
+        painted = np.zeros(truth.shape, np.uint8)
+        info = [{"name": "brain", "id": 1}, {"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
+        src = os.path.join(self.tmpdir, "strokes.nii.gz")
+        scores = []
+        for _ in range(strokes):
+            stroke = next_stroke(pred, truth)
+            if stroke is None:
+                break
+            painted[stroke[1]] = 3 if stroke[0] == "foreground" else 2
+            values = np.where(painted > 0, painted, pred.astype(np.uint8))
+            nib.save(nib.Nifti1Image(values, self.affine[image]), src)
+            params = {"label_info": info, "selected_label_name": "brain", "roi": []}
+            out, _ = self.client.infer(f"{self.model}_scribbles", image, params, label_in=src)
             try:
                 pred = read_mask(out)
             finally:
@@ -214,7 +260,8 @@ class Loop:
         return float(np.mean(scores)) if scores else None
 
     def run(
-        self, rounds: int, max_epochs: int, eval_set, eval_truth, eval_max: int, train_timeout: float, clicks: int = 0
+        self, rounds: int, max_epochs: int, eval_set, eval_truth, eval_max: int, train_timeout: float, clicks: int = 0,
+        strokes: int = 0,
     ) -> List[dict]:
         rows: List[dict] = []
         for r in range(1, rounds + 1):
@@ -229,6 +276,7 @@ class Loop:
             pred = self.predict(image=sid)
             sample_dice = dice(pred, read_mask(self.truth[sid])) if pred is not None else None
             click_dice = self.click_correct(sid, pred, read_mask(self.truth[sid]), clicks) if pred is not None else []
+            scribble_dice = self.scribble_correct(sid, pred, read_mask(self.truth[sid]), strokes) if pred is not None else []
             self.client.save_label(sid, self.truth[sid], tag="final")  # the simulated correction
             self.train(max_epochs, train_timeout)
             row = {
@@ -237,6 +285,7 @@ class Loop:
                 "uncertainty": sample.get("uncertainty", sample.get("mc_dropout_score")),
                 "sample_dice": sample_dice,
                 "click_dice": click_dice,
+                "scribble_dice": scribble_dice,
                 "labeled": self.labeled_count(),
                 "eval_dice": self.evaluate(eval_set, eval_truth, eval_max),
                 "seconds": round(time.time() - t0, 1),
@@ -301,6 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-max", type=int, default=5, help="evaluate at most this many volumes (0: all)")
     parser.add_argument("--train-timeout", type=float, default=3600.0)
     parser.add_argument("--clicks", type=int, default=0, help="simulated SmartEdit clicks per sample (0: none)")
+    parser.add_argument("--scribbles", type=int, default=0, help="simulated Scribbles strokes per sample (0: none)")
     parser.add_argument("--out", default="active_learning_dice.png", help="PNG; the numbers go to the same name .json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
@@ -319,7 +369,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             loop = Loop(server, args.model, args.strategy, truth, tmp)
             rows = loop.run(
-                args.rounds, args.max_epochs, eval_set, eval_truth, args.eval_max, args.train_timeout, args.clicks
+                args.rounds, args.max_epochs, eval_set, eval_truth, args.eval_max, args.train_timeout, args.clicks,
+                args.scribbles,
             )
     finally:
         if proc is not None:

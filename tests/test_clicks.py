@@ -220,3 +220,24 @@ def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():
     pred[4:16, 4:16, 4:9] = True
     assert next_click(pred, truth) == ("background", [1, 1, 1])
     assert next_click(truth, truth) is None
+
+
+def test_loop_script_strokes_paint_inside_the_error_they_point_at():
+    sys.path.insert(0, str(ROOT / "monailabel_app"))
+    try:
+        from active_learning_loop import next_click, next_stroke
+    finally:
+        sys.path.remove(str(ROOT / "monailabel_app"))
+    truth = np.zeros((20, 20, 20), bool)
+    truth[4:16, 4:16, 4:16] = True
+    pred = truth.copy()
+    pred[4:16, 4:16, 4:9] = False  # missed slab: a foreground stroke of 9 voxels along axis 0, inside it
+    kind, stroke = next_stroke(pred, truth)
+    assert kind == "foreground" and 5 <= stroke.sum() <= 9 and (truth & ~pred)[stroke].all()
+    assert stroke[tuple(next_click(pred, truth)[1])]  # through the voxel an annotator would click
+    assert len(set(map(tuple, np.argwhere(stroke)[:, 1:]))) == 1  # one line along the first axis
+    pred = truth.copy()
+    pred[0:3, 0:3, 0:3] = True  # a 3-voxel-wide false positive: the stroke stays inside it
+    kind, stroke = next_stroke(pred, truth)
+    assert kind == "background" and stroke.sum() == 3 and (pred & ~truth)[stroke].all()
+    assert next_stroke(truth, truth) is None

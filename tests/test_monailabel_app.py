@@ -695,6 +695,9 @@ def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
     scores = loop.click_correct("colin_a", pred, truth, 3)
     print(f"colin_a Dice {al.dice(pred, truth):.4f} -> after clicks {[round(x, 4) for x in scores]}")
     assert len(scores) == 3 and scores[-1] > al.dice(pred, truth)
+    strokes = loop.scribble_correct("colin_a", pred, truth, 3)  # the same with Scribbles strokes
+    print(f"colin_a Dice {al.dice(pred, truth):.4f} -> after strokes {[round(x, 4) for x in strokes]}")
+    assert len(strokes) == 3 and strokes[-1] > al.dice(pred, truth)
 
 
 def test_scribbles_correct_the_segmentation_sent_near_the_strokes(ctx, tmp_path):
