@@ -182,6 +182,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         """Take a saved best score as the one to beat (see ``state_dict``). Ignored, with a warning, when the file
         it belongs to is gone or was rewritten since (by hand, or by a validation whose training state was never
         saved): the first validation then writes a new one, as without a saved score."""
+        if "_saved" in state:  # MONAI's own format (``key_metric_save_state``, ignite's ``Checkpoint.state_dict``)
+            super().load_state_dict(state)
+            return
         ckpt, score = self._key_metric_checkpoint, state.get("score")
         if ckpt is None or score is None:
             return

@@ -531,6 +531,37 @@ def test_atomic_checkpoint_saver_never_leaves_a_missing_or_partial_model(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+def test_best_model_score_survives_a_new_saver_in_our_format_and_monais(tmp_path):
+    """What a resumed run does: a new saver takes the saved best score (our state_dict, or MONAI's
+    ``key_metric_save_state`` format) and writes model.pt only for a higher one."""
+    from ignite.engine import Engine
+
+    from medurwkv.engines import AtomicCheckpointSaver
+
+    def saver_and_engine():
+        saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": torch.nn.Linear(3, 2)}, save_key_metric=True, key_metric_filename="model.pt")
+        engine = Engine(lambda e, b: None)
+        engine.state.key_metric_name = "dice"
+        saver.attach(engine)
+        return saver, engine
+
+    saver, engine = saver_and_engine()
+    engine.state.metrics = {"dice": 0.8}
+    saver.metrics_completed(engine)
+    saved = saver.state_dict()
+    assert saved["score"] == pytest.approx(0.8) and saved["file_stamp"][1] == (tmp_path / "model.pt").stat().st_size
+    for state in (saved, {"_saved": [(0.8, "model.pt")]}):
+        stamp = (tmp_path / "model.pt").stat().st_mtime_ns
+        resumed, engine = saver_and_engine()
+        resumed.load_state_dict(state)
+        engine.state.metrics = {"dice": 0.7}
+        resumed.metrics_completed(engine)
+        assert (tmp_path / "model.pt").stat().st_mtime_ns == stamp  # 0.7 < 0.8: kept
+        engine.state.metrics = {"dice": 0.9}
+        resumed.metrics_completed(engine)
+        assert (tmp_path / "model.pt").stat().st_mtime_ns != stamp  # 0.9 > 0.8: replaced
+
+
 def test_slice_wise_inferer_batches_slices_and_takes_2d():
     from medurwkv.inferers import SliceWiseInferer
 
