@@ -163,23 +163,28 @@ class Loop:
     def labeled_count(self) -> int:
         return int(self.client.info().get("datastore", {}).get("completed", 0))
 
+    def infer_mask(self, model: str, image: str, params: dict, **kw) -> np.ndarray:
+        """One inference with ``model``: the result as a boolean mask (the result file is removed); its affine,
+        which is the image's grid, is remembered per image for the stroke volumes."""
+        import nibabel as nib
+
+        out, _ = self.client.infer(model, image, params, **kw)
+        try:
+            if image:
+                self.affine[image] = nib.load(out).affine
+            return read_mask(out)
+        finally:
+            os.remove(out)
+
     def predict(self, image: str = "", file: Optional[str] = None) -> Optional[np.ndarray]:
         from monailabel.client.client import MONAILabelClientException
 
         try:
-            out, _ = self.client.infer(self.model, image, {}, file=file)
+            return self.infer_mask(self.model, image, {}, file=file)
         except MONAILabelClientException as e:
             if "Status: 409" in str(e.msg):  # no trained weights yet
                 return None
             raise
-        try:
-            if image:
-                import nibabel as nib
-
-                self.affine[image] = nib.load(out).affine  # the result is on the image's grid
-            return read_mask(out)
-        finally:
-            os.remove(out)
 
     def click_correct(self, image: str, pred: np.ndarray, truth: np.ndarray, clicks: int) -> List[float]:
         """Dice against ``truth`` after each of up to ``clicks`` simulated clicks (see :func:`next_click`)."""
@@ -190,11 +195,7 @@ class Loop:
             if click is None:
                 break
             points[click[0]].append(click[1])
-            out, _ = self.client.infer(f"{self.model}_clicks", image, dict(points))
-            try:
-                pred = read_mask(out)
-            finally:
-                os.remove(out)
+            pred = self.infer_mask(f"{self.model}_clicks", image, dict(points))
             scores.append(dice(pred, truth))
         return scores
 
@@ -215,11 +216,7 @@ class Loop:
             values = np.where(painted > 0, painted, pred.astype(np.uint8))
             nib.save(nib.Nifti1Image(values, self.affine[image]), src)
             params = {"label_info": info, "selected_label_name": "brain", "roi": []}
-            out, _ = self.client.infer(f"{self.model}_scribbles", image, params, label_in=src)
-            try:
-                pred = read_mask(out)
-            finally:
-                os.remove(out)
+            pred = self.infer_mask(f"{self.model}_scribbles", image, params, label_in=src)
             scores.append(dice(pred, truth))
         return scores
 

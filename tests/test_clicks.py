@@ -203,14 +203,24 @@ def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_m
     assert str(tmp_path) not in str(e.value)  # no server paths in client messages
 
 
-def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():
+def _loop_script():
     sys.path.insert(0, str(ROOT / "monailabel_app"))
     try:
-        from active_learning_loop import next_click
+        import active_learning_loop
     finally:
         sys.path.remove(str(ROOT / "monailabel_app"))
+    return active_learning_loop
+
+
+def _cube() -> np.ndarray:
     truth = np.zeros((20, 20, 20), bool)
     truth[4:16, 4:16, 4:16] = True
+    return truth
+
+
+def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():
+    next_click = _loop_script().next_click
+    truth = _cube()
     pred = truth.copy()
     pred[4:16, 4:16, 4:9] = False  # 720 voxels missed
     pred[0:3, 0:3, 0:3] = True  # 27 voxels taken
@@ -223,13 +233,9 @@ def test_loop_script_clicks_the_deepest_voxel_of_the_largest_error():
 
 
 def test_loop_script_strokes_paint_inside_the_error_they_point_at():
-    sys.path.insert(0, str(ROOT / "monailabel_app"))
-    try:
-        from active_learning_loop import next_click, next_stroke
-    finally:
-        sys.path.remove(str(ROOT / "monailabel_app"))
-    truth = np.zeros((20, 20, 20), bool)
-    truth[4:16, 4:16, 4:16] = True
+    loop = _loop_script()
+    next_click, next_stroke = loop.next_click, loop.next_stroke
+    truth = _cube()
     pred = truth.copy()
     pred[4:16, 4:16, 4:9] = False  # missed slab: a foreground stroke of 9 voxels along axis 0, inside it
     kind, stroke = next_stroke(pred, truth)
