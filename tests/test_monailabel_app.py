@@ -6,244 +6,44 @@ studies folder of tiny volumes cut from sample_data/. Everything goes through
 ``monailabel.client.MONAILabelClient``, as 3D Slicer's module does. The tests run in file order and build on
 each other (no weights -> first training -> inference -> load -> uncertainty -> killed training -> restart).
 
-For speed only, the bundle copy uses 64 x 64 slice windows (``roi_size``), 2 training slices per volume
-(``train#num_slices``) and no data-loader workers; everything else is the shipped bundle.
-
-Network: every process of the server (training and scoring subprocesses included) runs with a
-``sitecustomize`` that refuses and records any connection or name lookup outside loopback, which checks that
-startup is offline (no model-zoo, GitHub or SAM2 lookups).
+The server, its staging (tiny volumes, 64 x 64 windows) and the offline guard are in ``tests/label_server.py``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from label_server import (
+    APP,
+    MODEL,
+    SAMPLE,
+    VOLUMES,
+    http,
+    load_app_module,
+    stage,
+    status_of,
+    wait_for,
+)
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "monailabel_app"
-BUNDLE = ROOT / "bundle"
-SAMPLE = ROOT / "sample_data"
-MODEL = "medurwkv"
-
-# id -> (source volume under sample_data/, crop in voxel indices); colin27 is RAS, the ITK head is LSA
-VOLUMES = {
-    "colin_a": ("colin27_t1", "Tr", ((14, 78), (22, 86), (40, 44))),
-    "colin_b": ("colin27_t1", "Tr", ((14, 78), (22, 86), (52, 56))),
-    "itk_c": ("itk_kmeanstest_t1", "Ts", ((32, 96), (30, 33), (8, 30))),
-}
-HELD_OUT = {"colin_eval": ("colin27_t1", "Tr", ((14, 78), (22, 86), (60, 63)))}
-
-NETGUARD = """
-import os, socket
-_log = os.environ.get("MEDURWKV_NETGUARD_LOG")
-_ok = ("127.", "::1", "localhost", "0.0.0.0", "::")
-def _check(host):
-    if host is None or isinstance(host, int):
-        return
-    h = host.decode() if isinstance(host, bytes) else str(host)
-    if h == "" or h.startswith(_ok):
-        return
-    if _log:
-        with open(_log, "a") as f:
-            f.write(f"{os.getpid()} {h}\\n")
-    raise OSError(f"network access to {h} refused by the test")
-_connect, _connect_ex, _gai = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-def connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
-        _check(address[0])
-    return _connect(self, address)
-def connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
-        _check(address[0])
-    return _connect_ex(self, address)
-def getaddrinfo(host, *args, **kwargs):
-    _check(host)
-    return _gai(host, *args, **kwargs)
-socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-"""
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def _load_app_module(name: str, path: Path):
-    """Import one file of the app without writing bytecode next to it (tests never write into the repo)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    flag, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = flag
-    return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _crop(src: Path, box, dst: Path) -> None:
-    img = nib.load(str(src))
-    data = np.asanyarray(img.dataobj)[tuple(slice(a, b) for a, b in box)]
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ np.array([a for a, _ in box], dtype=float) + img.affine[:3, 3]
-    nib.save(nib.Nifti1Image(data, affine, img.header), str(dst))
-
-
-def _status(e) -> int:
-    m = re.search(r"Status: (\d+)", str(getattr(e, "msg", e)))
-    return int(m.group(1)) if m else -1
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
-    start = time.time()
-    while time.time() - start < timeout:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Server:
-    """``python -m monailabel.main start_server`` as a subprocess in its own process group."""
-
-    def __init__(self, root: Path, app: Path, studies: Path, bundle: Path, port: int, env: dict):
-        self.root, self.app, self.studies, self.bundle, self.port, self.env = root, app, studies, bundle, port, env
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = root / "server.log"
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, host: Optional[str] = "127.0.0.1", conf: bool = True, timeout: float = 420.0) -> None:
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app)]
-        cmd += ["--studies", str(self.studies), "--port", str(self.port)]
-        if conf:  # without: the app finds the bundle next to it (<root>/app/../bundle), as in the repository
-            cmd += ["--conf", "bundle", str(self.bundle), "--conf", "mc_passes", "3", "--conf", "mc_slices", "3"]
-        if host:
-            cmd += ["--host", host]
-        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.root), start_new_session=True
-        )
-        log.close()
-        import requests
-
-        start = time.time()
-        while time.time() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=10).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group holds the server and its train/scoring children
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children that outlived the server (a training subprocess)
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc = None
-
-    def log(self, since_start: bool = False) -> str:
-        text = self.log_path.read_bytes() if self.log_path.exists() else b""
-        return text[self.log_start :].decode(errors="replace") if since_start else text.decode(errors="replace")
-
-    def listening_addresses(self) -> set:
-        import psutil
-
-        return {
-            c.laddr.ip
-            for c in psutil.Process(self.proc.pid).net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN
-        }
-
-
-class Ctx:
-    """Shared state of the module (paths, server, client, results carried from one test to the next)."""
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     from monailabel.client import MONAILabelClient
 
-    root = tmp_path_factory.mktemp("monailabel_app")
-    c = Ctx()
-    c.root = root
-    c.app = root / "app"
-    shutil.copytree(APP, c.app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-    c.bundle = root / "bundle"
-    shutil.copytree(
-        BUNDLE, c.bundle, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt", "*.ts", "*.safetensors")
-    )
-    for name in ("inference.json", "train.json"):  # speed only: 64 x 64 windows, 2 training slices, no workers
-        path = c.bundle / "configs" / name
-        cfg = json.loads(path.read_text())
-        cfg["roi_size"] = [64, 64]
-        cfg["num_workers"] = 0
-        if "train" in cfg:
-            cfg["train"]["num_slices"] = 2
-        path.write_text(json.dumps(cfg, indent=2))
-    c.weights = c.bundle / "models" / "model.pt"
-
-    c.studies, c.gt = root / "studies", root / "gt"
-    c.eval_images, c.eval_labels = root / "eval_images", root / "eval_labels"
-    for d in (c.studies, c.gt, c.eval_images, c.eval_labels):
-        d.mkdir()
-    for vols, img_dir, lab_dir in ((VOLUMES, c.studies, c.gt), (HELD_OUT, c.eval_images, c.eval_labels)):
-        for vid, (src, split, box) in vols.items():
-            _crop(SAMPLE / f"images{split}" / f"{src}.nii.gz", box, img_dir / f"{vid}.nii.gz")
-            _crop(SAMPLE / f"labels{split}" / f"{src}.nii.gz", box, lab_dir / f"{vid}.nii.gz")
-
-    guard = root / "netguard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(NETGUARD)
-    c.netlog = root / "network_attempts.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(guard)] + [p for p in [env.get("PYTHONPATH")] if p])
-    env["MEDURWKV_NETGUARD_LOG"] = str(c.netlog)
-    env["MONAI_LABEL_SESSION_PATH"] = str(root / "sessions")
-    env.pop("MONAI_LABEL_APP_CONF", None)
-    c.env = env
-
-    c.client_dir = root / "client"
-    c.client_dir.mkdir()
-    c.results = {}
-    c.server = Server(root, c.app, c.studies, c.bundle, _free_port(), env)
+    c = stage(tmp_path_factory.mktemp("monailabel_app"))
     try:
         c.server.start(host="127.0.0.1")
         c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
@@ -268,19 +68,12 @@ def _train_status(c) -> dict:
     return c.client.train_status()
 
 
-def _http(c, method: str, selector: str, body=None):
-    from monailabel.client.client import MONAILabelUtils
-
-    status, response, _, _ = MONAILabelUtils.http_method(method, c.server.url, selector, body)
-    try:
-        return status, json.loads(response) if response else None
-    except ValueError:  # a file
-        return status, response
+_http = http
 
 
 # ------------------------------------------------------------------------------------- no server needed
 def test_loop_script_dice_and_plot(tmp_path):
-    al = _load_app_module("al_loop", APP / "active_learning_loop.py")
+    al = load_app_module("al_loop", APP / "active_learning_loop.py")
     a = np.zeros((4, 4, 2), bool)
     b = a.copy()
     a[:2], b[1:3] = True, True
@@ -298,7 +91,7 @@ def test_loop_script_dice_and_plot(tmp_path):
 
 
 def test_dataset_folder_as_studies_is_linked_not_written(tmp_path):
-    studies = _load_app_module("app_studies", APP / "lib" / "studies.py")
+    studies = load_app_module("app_studies", APP / "lib" / "studies.py")
     app = tmp_path / "app"
     work = Path(studies.resolve_studies(str(SAMPLE), str(app)))
     assert work == app / "model" / "studies" / "sample_data"
@@ -370,7 +163,7 @@ def test_info_lists_model_and_says_there_are_no_weights(ctx):
 
     with pytest.raises(MONAILabelClientException) as e:
         ctx.client.infer(MODEL, "colin_a", {})
-    assert _status(e.value) == 409 and "no trained weights" in e.value.msg
+    assert status_of(e.value) == 409 and "no trained weights" in e.value.msg
     assert "NO TRAINED WEIGHTS" in ctx.server.log()
 
 
@@ -446,7 +239,7 @@ def test_bad_inputs_get_4xx_with_a_message(ctx):
     for what, call, status, text in cases:
         with pytest.raises(MONAILabelClientException) as e:
             call()
-        assert _status(e.value) == status, f"{what}: {e.value.msg}"
+        assert status_of(e.value) == status, f"{what}: {e.value.msg}"
         assert text in e.value.msg, f"{what}: {e.value.msg}"
         assert ctx.client.info()["name"], f"/info/ after {what}"
     assert ctx.client.info()["datastore"]["completed"] == 0  # nothing bad was stored
@@ -562,7 +355,7 @@ def test_uncertainty_scores_and_next_sample(ctx):
             _http(ctx, "POST", "/scoring/mc_dropout")  # the post-training scoring did not cover these weights
         return None
 
-    infos = _wait(scored, 900, "MC-dropout scores for the current weights", interval=3.0)
+    infos = wait_for(scored, 900, "MC-dropout scores for the current weights", interval=3.0)
     scores = {i: info["mc_dropout_score"] for i, info in infos.items()}
     for i, info in infos.items():
         detail = info["mc_dropout"]
@@ -590,11 +383,11 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
     ctx.client.train_start(MODEL, {"max_epochs": 3, "val_interval": 1, "pretrained": False})
     with pytest.raises(MONAILabelClientException) as e:  # a quick second click, before the process exists
         ctx.client.train_start(MODEL, {"max_epochs": 1})
-    assert _status(e.value) == 429
-    _wait(lambda: _train_status(ctx)["status"] == "RUNNING", 60, "the training process", interval=0.2)
+    assert status_of(e.value) == 429
+    wait_for(lambda: _train_status(ctx)["status"] == "RUNNING", 60, "the training process", interval=0.2)
     with pytest.raises(MONAILabelClientException) as e:  # one training at a time
         ctx.client.train_start(MODEL, {"max_epochs": 1})
-    assert _status(e.value) == 429
+    assert status_of(e.value) == 429
 
     def progressed(marker):
         def check():
@@ -605,9 +398,9 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
 
         return check
 
-    _wait(lambda: ctx.weights.stat().st_mtime_ns != before, 900, "the epoch-1 checkpoint", interval=0.5)
+    wait_for(lambda: ctx.weights.stat().st_mtime_ns != before, 900, "the epoch-1 checkpoint", interval=0.5)
     checkpoint = ctx.weights.stat().st_mtime_ns
-    _wait(progressed("epoch 2/3 iteration 1/2"), 600, "the middle of epoch 2", interval=0.5)
+    wait_for(progressed("epoch 2/3 iteration 1/2"), 600, "the middle of epoch 2", interval=0.5)
     stopped = ctx.client.train_stop()
     assert stopped["status"] == "STOPPED"
 
@@ -624,7 +417,7 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
                 pass
         return found
 
-    _wait(lambda: not training_processes(), 30, "the training process to exit")
+    wait_for(lambda: not training_processes(), 30, "the training process to exit")
     assert ctx.weights.stat().st_mtime_ns == checkpoint  # the kill did not touch the saved weights
     state = torch.load(str(ctx.weights), map_location="cpu", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
@@ -643,7 +436,7 @@ def test_retraining_that_does_worse_keeps_the_served_model(ctx):
     before = ctx.weights.stat().st_mtime_ns
     served, _, _, _ = _infer(ctx, "itk_c")
     ctx.client.train_start(MODEL, {"max_epochs": 1, "val_interval": 1, "learning_rate": 10.0})
-    status = _wait(lambda: (s := _train_status(ctx))["status"] not in ("SUBMITTED", "RUNNING") and s, 600, "training")
+    status = wait_for(lambda: (s := _train_status(ctx))["status"] not in ("SUBMITTED", "RUNNING") and s, 600, "training")
     details = "\n".join(status.get("details", []))
     assert status["status"] == "DONE", details[-3000:]
     assert re.search(r"current model before training: \S+ [0-9.]+; model.pt is replaced only", details), details[-3000:]
@@ -684,11 +477,11 @@ def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
 
     with pytest.raises(MONAILabelClientException) as e:
         ctx.client.infer(f"{MODEL}_clicks", "itk_c", {"foreground": [[9999, 0, 0]]})
-    assert _status(e.value) == 422 and "foreground click [9999, 0, 0] is outside the image" in e.value.msg
+    assert status_of(e.value) == 422 and "foreground click [9999, 0, 0] is outside the image" in e.value.msg
     assert ctx.client.info()["models"][MODEL]
 
     # the loop script's simulated annotator: three clicks, each on the largest remaining error, raise the Dice
-    al = _load_app_module("al_loop", APP / "active_learning_loop.py")
+    al = load_app_module("al_loop", APP / "active_learning_loop.py")
     loop = al.Loop(ctx.server.url, MODEL, "first", {}, str(ctx.root))
     truth = al.read_mask(str(ctx.gt / "colin_a.nii.gz"))
     pred = loop.predict(image="colin_a")
@@ -733,7 +526,7 @@ def test_scribbles_correct_the_segmentation_sent_near_the_strokes(ctx, tmp_path)
     nib.save(nib.Nifti1Image(values[:-1], affine), src)
     with pytest.raises(MONAILabelClientException) as e:
         ctx.client.infer(f"{MODEL}_scribbles", "colin_a", request, label_in=str(src))
-    assert _status(e.value) == 422 and "must be on the image's grid" in e.value.msg
+    assert status_of(e.value) == 422 and "must be on the image's grid" in e.value.msg
 
 
 def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):
@@ -777,6 +570,6 @@ def test_mismatched_weights_are_refused_with_a_clear_error(ctx):
     os.replace(tmp, ctx.weights)  # as a training would publish it
     with pytest.raises(MONAILabelClientException) as e:
         ctx.client.infer(MODEL, "itk_c", {})
-    assert _status(e.value) == 500
+    assert status_of(e.value) == 500
     assert "does not fit the bundle's network_def" in e.value.msg and dropped in e.value.msg
     assert ctx.client.info()["models"][MODEL]["weights"]["available"] is True
