@@ -15,10 +15,11 @@ from typing import Any, Dict
 import medurwkv
 from lib.configs import MedURWKVConfig
 from lib.datastore import CheckedLocalDatastore
-from lib.errors import NotFound
+from lib.errors import NotFound, image_not_found
 from lib.imageio import check_image_suffix
 from lib.scoring.mc_dropout import KEY_MODEL
-from lib.server import bind_loopback_by_default, make_infer_non_blocking, one_training_at_a_time
+from lib.options import COMMON, check_options
+from lib.server import bind_loopback_by_default, make_infer_non_blocking, one_training_at_a_time, secure_server
 from lib.studies import resolve_studies
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -38,7 +39,7 @@ MODEL = "medurwkv"
 
 class MedURWKVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
-        bind_loopback_by_default()
+        host = bind_loopback_by_default()
         self.model = MedURWKVConfig()
         self.model.init(MODEL, os.path.join(app_dir, "model"), conf)
         logger.info(f"Med-URWKV bundle: {self.model.bundle_path}; weights: {self.model.path}")
@@ -52,6 +53,7 @@ class MedURWKVApp(MONAILabelApp):
         )
         make_infer_non_blocking()
         one_training_at_a_time()
+        secure_server(app_dir, conf, host, roots=[self.model.bundle_path])
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -84,7 +86,7 @@ class MedURWKVApp(MONAILabelApp):
         meta = super().info()
         if not self.model.weights()["available"]:
             meta["description"] = (
-                f"{self.description}. NO TRAINED WEIGHTS YET ({self.model.path}): submit labels and run Train."
+                f"{self.description}. NO TRAINED WEIGHTS YET (models/model.pt): submit labels and run Train."
             )
         return meta
 
@@ -101,11 +103,36 @@ class MedURWKVApp(MONAILabelApp):
             else:
                 ds = datastore if datastore else self.datastore()
                 if not ds.get_image_uri(image):
-                    raise NotFound(
-                        f"Image '{image}' is not in the datastore ({len(ds.list_images())} images); "
-                        f"upload it (PUT /datastore/image) or send it as a file or session."
-                    )
+                    raise image_not_found(image)
         return super().infer(request, datastore)
+
+    def next_sample(self, request):
+        """Strategy options are checked like every other (``lib/options.py``); the answer holds no server path."""
+        request = dict(request)
+        strategy = request.pop("strategy", None)
+        task = self._strategies.get(strategy or "random")
+        if task is None:
+            raise NotFound(f"Strategy '{strategy}' does not exist; available: {', '.join(self._strategies)}.")
+        allowed = task.options() if hasattr(task, "options") else COMMON
+        request = check_options(f"strategy '{strategy}'", request, allowed)
+        result = super().next_sample({**request, "strategy": strategy})
+        result.pop("path", None)
+        return result
+
+    def _local_request(self, url, params, action):
+        """Training and scoring processes call the server back (scoring after a training): with the service
+        token when login is on (``lib/auth.py``), which the server hands them in their environment."""
+        import requests
+
+        token = os.environ.get("MEDURWKV_SERVICE_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = requests.post(
+            f"http://127.0.0.1:{settings.MONAI_LABEL_SERVER_PORT}{url}", json=params or {}, headers=headers, timeout=60
+        )
+        if response.status_code != 200:
+            logger.error(f"Failed to trigger {action}: HTTP {response.status_code}")
+            return None
+        return response.json()
 
     def async_scoring(self, method, params=None):
         """MONAI Label re-scores after every training and every "Next Sample", each time in a new subprocess;

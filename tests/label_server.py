@@ -124,11 +124,15 @@ class Server:
         self.log_path = root / "server.log"
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, host: Optional[str] = "127.0.0.1", conf: bool = True, timeout: float = 420.0) -> None:
+    def start(
+        self, host: Optional[str] = "127.0.0.1", conf: bool = True, timeout: float = 420.0, extra_conf: dict = None
+    ) -> None:
         cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app)]
         cmd += ["--studies", str(self.studies), "--port", str(self.port)]
         if conf:  # without: the app finds the bundle next to it (<root>/app/../bundle), as in the repository
             cmd += ["--conf", "bundle", str(self.bundle), "--conf", "mc_passes", "3", "--conf", "mc_slices", "3"]
+        for k, v in (extra_conf or {}).items():  # more --conf KEY VALUE (e.g. auth true)
+            cmd += ["--conf", str(k), str(v)]
         if host:
             cmd += ["--host", host]
         self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -144,7 +148,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=10).status_code == 200:
+                if requests.get(f"{self.url}/info/", timeout=10).status_code in (200, 401):  # 401: login is on
                     return
             except requests.RequestException:
                 pass

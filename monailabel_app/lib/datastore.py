@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 from monailabel.datastore.local import LocalDatastore
 
-from .errors import BadInput, NotFound
+from .errors import BadInput, image_not_found
 from .imageio import check_label_fits_image, read_geometry, read_label_values
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def _require_image(self, image_id: str) -> str:
         uri = self.get_image_uri(image_id)
         if not uri:
-            known = sorted(self.list_images())
-            shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
-            raise NotFound(f"Image '{image_id}' is not in the datastore ({len(known)} images: {shown}).")
+            raise image_not_found(image_id)  # never lists the other ids (patient names)
         return uri
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:

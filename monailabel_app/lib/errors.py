@@ -45,3 +45,13 @@ class WeightsError(AppError):
     """``models/model.pt`` exists but cannot be loaded strictly into the bundle's ``network_def``."""
 
     status = 500
+
+
+def image_not_found(image_id: str) -> NotFound:
+    """The one answer for an image that is not in the datastore, whether the id is unknown or is a server path
+    (so that the answer never tells whether a path exists on the server), and without listing the known ids."""
+    shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+    return NotFound(
+        f"Image '{shown}' is not in the datastore: give the id of a datastore image, upload the volume "
+        f"(PUT /datastore/image) or send it as a file or session."
+    )

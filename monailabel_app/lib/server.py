@@ -18,7 +18,20 @@ monailabel 0.8.5 has two behaviours this app cannot accept and no setting to cha
    queue a second full training behind the first. :func:`one_training_at_a_time` also counts a training that
    was submitted in the last minutes and has not started its process yet.
 
+4. Requests are hostile (a web page in the annotator's browser can send them to 127.0.0.1 too).
+   :func:`secure_server` rebuilds the app's middleware stack (Starlette cannot add middleware once started, and
+   the app is created inside the server's lifespan): monailabel's ``CORSMiddleware`` (every origin reflected,
+   with credentials) is dropped unless ``--conf cors_origins`` lists origins; Starlette's
+   ``TrustedHostMiddleware`` checks ``Host`` against the bind address (DNS rebinding); :class:`RequestGuard`
+   refuses requests that a web page sent (an ``Origin`` not listed), serves the login (``lib/auth.py``) and
+   requires its token on every other path when ``--conf auth true``, and keeps server paths out of error
+   answers. A non-loopback ``--host`` without login is refused unless ``--conf insecure true``.
+   :func:`one_training_at_a_time` and the infer route check every request option against the task's
+   allow-list (``lib/options.py``) before anything runs. Upload file names are masked in the log.
+
 All only touch objects that exist in the server process; in training/scoring subprocesses they do nothing.
+Written for monailabel 0.8.5 (:data:`MONAILABEL_VERSION`): :func:`check_versions` says clearly in the log when
+another version is installed, and each patch refuses to start the server when what it patches is missing.
 (No ``from __future__ import annotations`` here: FastAPI must see the endpoint's real annotation objects.)
 """
 
@@ -26,14 +39,32 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import threading
 from datetime import datetime
-from typing import Optional
+from typing import Dict, Iterable, List, Optional
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+MONAILABEL_VERSION = "0.8.5"
+
+
+def check_versions() -> bool:
+    """True when the installed monailabel is the one these patches were written against; else a clear warning."""
+    import monailabel
+
+    installed = getattr(monailabel, "__version__", "?")
+    if installed.split("+")[0] != MONAILABEL_VERSION:
+        logger.error(
+            f"monailabel {installed} is installed; this app's server patches (monailabel_app/lib/server.py) were "
+            f"written and tested for {MONAILABEL_VERSION}. Check each one (README: 'What the app adds') before use."
+        )
+        return False
+    return True
 
 
 def _host_from_argv(argv) -> Optional[str]:
@@ -118,7 +149,7 @@ def make_infer_non_blocking() -> bool:
     from monailabel.endpoints.user.auth import RBAC, User
     from monailabel.interfaces.utils.app import app_instance
 
-    from .errors import BadInput, NotFound
+    from .errors import BadInput, NotFound, image_not_found
 
     original = infer_endpoint.api_run_inference
     if getattr(original, "_runs_in_threadpool", False):
@@ -152,6 +183,11 @@ def make_infer_non_blocking() -> bool:
             raise BadInput(f"'params' is not valid JSON: {e}") from None
         if not isinstance(p, dict):
             raise BadInput("'params' must be a JSON object")
+        if image and (image in (".", "..") or any(c in image for c in "/\\\x00")):
+            raise image_not_found(image)  # ids only: the same answer whether such a server path exists or not
+        task = getattr(app_instance(), "_infers", {}).get(model)
+        if task is not None and hasattr(task, "check_request"):
+            p = task.check_request(p, model)  # options allow-listed; nothing MONAI would evaluate (lib/options.py)
         if file is not None and file.filename:
             p.setdefault("source_name", os.path.basename(file.filename))
         elif session is not None:
@@ -170,6 +206,26 @@ def make_infer_non_blocking() -> bool:
     app_module.app.openapi_schema = None
     logger.info("POST /infer/{model} runs in the worker-thread pool: the server stays responsive during inference")
     return True
+
+
+def _task_of(method: str, request) -> Optional[object]:
+    """The app's train task or scoring method a request is for (None: not found, or another kind of task)."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    tasks = {"train": "_trainers", "scoring": "_scoring_methods"}.get(method)
+    if not tasks or not isinstance(request, dict):
+        return None
+    name = request.get("model" if method == "train" else "method")
+    return getattr(app_instance(), tasks, {}).get(name)
+
+
+def _check_params(method: str, task, params):
+    from .errors import BadInput
+
+    check = getattr(task, "check_request", None)
+    if check is None:
+        raise BadInput(f"This {method} task takes no options")
+    return check(params)
 
 
 SUBMIT_WINDOW_S = 300  # a submitted task that has not started its process after this long is not waited for
@@ -203,6 +259,9 @@ def one_training_at_a_time() -> bool:
         return False
 
     def run(method, request=None, params=None, force_sync=False, enqueue=False):
+        task = _task_of(method, request)
+        if params and task is not None:  # the client's options: allow-listed before a process is started
+            params = _check_params(method, task, params)
         if method != "train" or enqueue or force_sync:
             return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
         with lock:
@@ -210,8 +269,278 @@ def one_training_at_a_time() -> bool:
                 description = f"++++++++++ {method.capitalize()} Task is Already Running (or about to start)"
                 logger.info(description)
                 return None, description
+            holder = task.training_lock().holder() if hasattr(task, "training_lock") else None
+            if holder is not None:  # a training this server did not start (one left running by a killed server)
+                description = (
+                    f"A training started earlier (process {holder}, not by this server: it outlived a server that "
+                    f"was stopped) is still running and writing the weights. Wait for it to end, or stop that process."
+                )
+                logger.warning(description)
+                return None, description
             return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
 
     run._one_at_a_time = True  # type: ignore[attr-defined]
     task_module.AsyncTask.run = staticmethod(run)
+    return True
+
+
+# ----------------------------------------------------------------------------------- requests are hostile (point 4)
+def _json(status: int, body, headers: Optional[Dict[str, str]] = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class PathScrubber:
+    """Replaces server paths under the given roots by their last component (``/srv/.../models/model.pt`` ->
+    ``model.pt``) in error answers, whatever raised them (monailabel's own messages name files)."""
+
+    def __init__(self, roots: Iterable[str]):
+        found = set()
+        for r in roots:
+            if r:
+                for v in (os.path.abspath(r), os.path.realpath(r)):
+                    if len(v) > 1:
+                        found.add(v.rstrip("/"))
+        alternatives = "|".join(re.escape(r) for r in sorted(found, key=len, reverse=True))
+        self._re = re.compile(rf"(?:{alternatives})(?:/[^\s'\"\\,;:)\]}}]*)?") if alternatives else None
+
+    def __call__(self, text: str) -> str:
+        if self._re is None:
+            return text
+        return self._re.sub(lambda m: os.path.basename(m.group(0).rstrip("/")) or "<server path>", text)
+
+    def json(self, obj):
+        """The same for a JSON value; a ``"path"`` entry holding a server path is dropped (3D Slicer loads a
+        sample's ``path`` directly when it exists on its own machine: a bare file name must not be taken for it)."""
+        if isinstance(obj, str):
+            return self(obj)
+        if isinstance(obj, dict):
+            return {
+                k: self.json(v)
+                for k, v in obj.items()
+                if not (k == "path" and isinstance(v, str) and self._re is not None and self._re.match(v))
+            }
+        if isinstance(obj, list):
+            return [self.json(v) for v in obj]
+        return obj
+
+    def body(self, raw: bytes, content_type: str) -> bytes:
+        text = raw.decode("utf-8", errors="replace")
+        if content_type.startswith("application/json"):
+            try:
+                return json.dumps(self.json(json.loads(text))).encode()
+            except ValueError:
+                pass
+        return self(text).encode()
+
+
+class RequestGuard:
+    """Pure ASGI middleware, in front of every route (see the module doc, point 4).
+
+    Args:
+        app: the next ASGI app.
+        origins: web origins allowed to send requests (``--conf cors_origins``); any other ``Origin`` is a 403.
+        auth: a ``lib.auth.LocalAuth`` when login is on, else None (``/auth/`` then says ``enabled: false``).
+        scrub: what keeps server paths out of error answers.
+    """
+
+    OPEN_PATHS = ("/auth", "/auth/", "/auth/token")
+    MAX_LOGIN_BYTES = 4096
+
+    def __init__(self, app, origins: List[str], auth=None, scrub: Optional[PathScrubber] = None):
+        self.app, self.origins, self.auth, self.scrub = app, set(origins), auth, scrub
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.origins:
+            return await _json(
+                403,
+                {"detail": "Requests from web pages are refused (Origin not allowed; see --conf cors_origins)."},
+            )(scope, receive, send)
+        path = scope["path"]
+        if path in self.OPEN_PATHS:
+            return await self._login(scope, receive, send, path)
+        if self.auth is not None:
+            user = self._user(headers)
+            if user is None:
+                return await _json(
+                    401, {"detail": "Log in first (POST /auth/token)."}, {"WWW-Authenticate": "Bearer"}
+                )(scope, receive, send)
+            if path == "/auth/token/valid":
+                return await _json(200, {"username": user})(scope, receive, send)
+        elif path == "/auth/token/valid":
+            return await _json(200, {"username": "local"})(scope, receive, send)
+        await self.app(scope, receive, self._scrubbing(send) if self.scrub else send)
+
+    def _user(self, headers) -> Optional[str]:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return self.auth.user(token.strip()) if scheme.lower() == "bearer" and token else None
+
+    async def _login(self, scope, receive, send, path):
+        from starlette.concurrency import run_in_threadpool
+        from starlette.requests import Request
+
+        if path != "/auth/token":
+            return await _json(200, {"enabled": self.auth is not None, "client_id": None, "realm": None})(
+                scope, receive, send
+            )
+        if scope["method"] != "POST":
+            return await _json(405, {"detail": "POST the form username, password"})(scope, receive, send)
+        if self.auth is None:
+            return await _json(200, {"access_token": None, "token_type": None})(scope, receive, send)
+        request = Request(scope, receive)
+        length = request.headers.get("content-length")
+        if not length or not length.isdigit() or int(length) > self.MAX_LOGIN_BYTES:
+            return await _json(413, {"detail": f"A login form has at most {self.MAX_LOGIN_BYTES} bytes"})(
+                scope, receive, send
+            )
+        try:
+            form = await request.form()
+            username, password = str(form.get("username", "")), str(form.get("password", ""))
+        except Exception:
+            return await _json(422, {"detail": "Send the form fields username and password"})(scope, receive, send)
+        token = await run_in_threadpool(self.auth.login, username, password)  # bcrypt: ~0.2 s, off the loop
+        if token is None:
+            logger.warning("Login refused (unknown user or wrong password)")
+            return await _json(401, {"detail": "Wrong user name or password"}, {"WWW-Authenticate": "Bearer"})(
+                scope, receive, send
+            )
+        return await _json(200, {"access_token": token, "token_type": "Bearer"})(scope, receive, send)
+
+    def _scrubbing(self, send):
+        """``send`` that rewrites JSON and text answers (and every error answer) through the scrubber; files
+        and multipart results (volumes) pass unchanged."""
+        state: Dict = {}
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                ctype = dict(message.get("headers", [])).get(b"content-type", b"").decode().lower()
+                if message["status"] >= 400 or ctype.startswith(("application/json", "text/")):
+                    state["start"], state["body"], state["type"] = message, b"", ctype
+                    return
+            if "start" not in state:
+                return await send(message)
+            if message["type"] == "http.response.body":
+                state["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                body = self.scrub.body(state["body"], state["type"])
+                start = dict(state.pop("start"))
+                start["headers"] = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"] + [
+                    (b"content-length", str(len(body)).encode())
+                ]
+                await send(start)
+                return await send({"type": "http.response.body", "body": body})
+            return await send(message)
+
+        return wrapped
+
+
+class UploadNameFilter(logging.Filter):
+    """Masks uploaded file names (often patient names) in log lines: monailabel logs ``UploadFile`` objects and
+    the infer request (whose ``source_name`` is the upload's name)."""
+
+    PATTERNS = [
+        (re.compile(r"""filename=(?:'[^']*'|"[^"]*"|\S+)"""), "filename=<upload>"),
+        (re.compile(r"""(['"]source_name['"]:\s*)(?:'[^']*'|"[^"]*")"""), r"\1'<upload>'"),
+    ]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        masked = text
+        for pattern, replacement in self.PATTERNS:
+            masked = pattern.sub(replacement, masked)
+        if masked != text:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def mask_upload_names_in_logs() -> None:
+    """Put :class:`UploadNameFilter` on every handler of the root and uvicorn loggers (idempotent)."""
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(f, UploadNameFilter) for f in h.filters):
+                h.addFilter(UploadNameFilter())
+
+
+def _conf_list(conf: Dict[str, str], key: str) -> List[str]:
+    return [v.strip() for v in str(conf.get(key, "")).split(",") if v.strip()]
+
+
+def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots: Iterable[str] = ()) -> bool:
+    """Install the request guard in the running server (module doc, point 4). Raises (the server does not start)
+    on a non-loopback host without login, or a login without users. False outside the server."""
+    app_module = sys.modules.get("monailabel.app")
+    if app_module is None:
+        return False
+    from monailabel.config import settings
+    from monailabel.utils.others.generic import strtobool
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    check_versions()
+    mask_upload_names_in_logs()
+    app = app_module.app
+    if not hasattr(app, "user_middleware") or not hasattr(app, "build_middleware_stack"):
+        raise RuntimeError("monailabel's FastAPI app has no middleware stack to secure: unsupported version")
+
+    auth = None
+    if strtobool(str(conf.get("auth", "false"))):
+        from .auth import LocalAuth
+
+        users = os.path.abspath(os.path.expanduser(conf.get("users") or os.path.join(app_dir, "model", "users.json")))
+        auth = LocalAuth(users, float(conf.get("token_hours", "12")))
+        os.environ["MEDURWKV_SERVICE_TOKEN"] = auth.service_token()  # training/scoring processes call the server
+        logger.info(f"Login required on every endpoint except /auth/ and /auth/token ({len(auth.users())} users)")
+    host = host or _host_from_argv(sys.argv) or "0.0.0.0"
+    loopback = host in LOOPBACK_NAMES or host.startswith("127.")
+    if not loopback and auth is None:
+        if not strtobool(str(conf.get("insecure", "false"))):
+            raise RuntimeError(
+                f"Refusing to listen on {host} without login: anyone on the network could read and change the "
+                f"studies. Add users (python monailabel_app/lib/auth.py add-user NAME) and pass --conf auth true, "
+                f"or --conf insecure true to accept the risk."
+            )
+        logger.warning(f"Listening on {host} WITHOUT login (--conf insecure true): anyone on the network has access")
+
+    hosts = list(LOOPBACK_NAMES) + _conf_list(conf, "allowed_hosts")
+    if not loopback:
+        hosts += [host] if host not in ("0.0.0.0", "::") else []
+        if host in ("0.0.0.0", "::") and not _conf_list(conf, "allowed_hosts"):
+            hosts = ["*"]
+            logger.warning("Any Host header is accepted on 0.0.0.0: list this server's names in --conf allowed_hosts")
+    origins = _conf_list(conf, "cors_origins")
+    middleware = [m for m in app.user_middleware if getattr(m, "cls", None) is not CORSMiddleware]
+    middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
+    if origins:
+        middleware.insert(
+            1,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_credentials=False,
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type"],
+            ),
+        )
+    scrub = PathScrubber(
+        [app_dir, settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_SESSION_PATH, tempfile.gettempdir(), *roots]
+    )
+    middleware.insert(2 if origins else 1, Middleware(RequestGuard, origins=origins, auth=auth, scrub=scrub))
+    app.user_middleware = middleware
+    app.middleware_stack = app.build_middleware_stack()
+    logger.info(
+        f"Requests: Host must be one of {hosts}; web origins allowed: {origins or 'none (no CORS)'}; "
+        f"login: {'on' if auth else 'off'}"
+    )
     return True

@@ -47,6 +47,7 @@ from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.transform.pre import LoadImageTensord
 
 from ..errors import BadInput, ModelNotReady, WeightsError
+from ..options import COMMON, Opt, check_options, devices, options_like
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,13 @@ def _root_message(e: BaseException, limit: int = 400) -> str:
 
 
 def weights_state(path: str) -> Dict[str, Any]:
-    """What ``/info/`` and results report about the weights file."""
+    """What ``/info/`` and results report about the weights file (its name in the bundle, never a server path)."""
+    name = f"models/{os.path.basename(path)}"
     if not os.path.isfile(path):
-        return {"path": path, "available": False}
+        return {"file": name, "available": False}
     st = os.stat(path)
     return {
-        "path": path,
+        "file": name,
         "available": True,
         "bytes": st.st_size,
         "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime)),
@@ -162,6 +164,27 @@ class ProbabilityCache:
                 self._entries.popitem(last=False)
 
 
+# what 3D Slicer's MONAI Label module adds to an infer request besides the task's own config (read from
+# plugins/slicer/MONAILabel/MONAILabel.py: Run, SmartEdit, Scribbles); ``label`` there is a segment name, never a path
+_NAME = r"[^/\\\x00-\x1f]{0,128}"
+CLIENT_INFER_OPTIONS: Dict[str, Opt] = {
+    **COMMON,
+    "result_extension": Opt(str, choices=(".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")),
+    "result_dtype": Opt(str, choices=("uint8", "int8", "uint16", "int16", "int32", "float32")),
+    "label": Opt(str, pattern=_NAME, nullable=True, doc="segment name (SmartEdit)"),
+    "foreground": Opt(list, doc="clicks [[i, j, k], ...]"),
+    "background": Opt(list, doc="clicks [[i, j, k], ...]"),
+    "roi": Opt(list, nullable=True, doc="voxel bounds [i0, i1, j0, j1, k0, k1]"),
+    "slice": Opt(int, 0, 2**31, nullable=True),
+    "reset_state": Opt(bool),
+    "label_info": Opt(list, doc="[{'name', 'id'}, ...] (Scribbles)"),
+    "selected_label_name": Opt(str, pattern=_NAME, nullable=True),
+    "source_name": Opt(str, pattern=_NAME, doc="name of the uploaded file, for messages"),
+}
+# keys the server itself puts into an infer request (monailabel's route and the app), never client options
+INFER_SERVER_KEYS = ("model", "image", "session", "description", "save_label", "label_tag")
+
+
 class MedURWKVInfer(BundleInferTask):
     """Segmentation with the bundle's Med-URWKV network (see the module docstring).
 
@@ -256,14 +279,29 @@ class MedURWKVInfer(BundleInferTask):
         i = super().info()
         weights = weights_state(self.weights_path)
         i["weights"] = weights
-        i["bundle"] = {"path": self.bundle_path, "name": self.bundle_name, "version": self.version}
+        i["bundle"] = {"name": self.bundle_name, "version": self.version}
         if not weights["available"]:
             i["description"] = (
-                f"NO TRAINED WEIGHTS YET ({self.weights_path} is missing): inference is disabled. "
+                f"NO TRAINED WEIGHTS YET ({weights['file']} is missing): inference is disabled. "
                 f"Submit labels, then run Train; the model becomes available when training saves its first "
                 f"checkpoint. ({self.description})"
             )
         return i
+
+    def options(self) -> Dict[str, Opt]:
+        """What the ``params`` of an infer request may hold: this task's config (as ``/info/`` shows it), typed
+        after its defaults, and what 3D Slicer adds (see ``lib/options.py``)."""
+        opts = {**options_like(self._config), **CLIENT_INFER_OPTIONS}
+        opts["device"] = devices(sorted(set(self._config.get("device") or []) | {"cpu", "cuda"}))
+        if "sw_batch_size" in opts:
+            opts["sw_batch_size"] = Opt(int, 1, 4096)
+        for k, o in opts.items():  # the refinement's millimetres and weights: finite, not negative
+            if o.kind is float and o.low is None:
+                opts[k] = Opt(float, 0.0, 1e6)
+        return opts
+
+    def check_request(self, params: Dict[str, Any], model: str = "") -> Dict[str, Any]:
+        return check_options(f"model '{model or self.bundle_name}'", params, self.options())
 
     def _default_device(self) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -38,6 +38,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
 from ..infers.medurwkv import MedURWKVInfer, weights_state
+from ..options import COMMON, Opt, check_options, devices
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,22 @@ class MCDropoutScoring(ScoringMethod):
         self.max_slices = max_slices
         self.seed = seed
 
+    def options(self) -> Dict[str, Opt]:
+        """What a ``POST /scoring/mc_dropout`` body may hold (see ``lib/options.py``)."""
+        return {
+            **COMMON,
+            "force": Opt(bool, doc="score again volumes already scored with the current weights"),
+            "max_samples": Opt(int, 0, 10**6),
+            "device": devices(("cpu", "cuda")),
+            "passes": Opt(int, 2, 100),
+            "max_slices": Opt(int, 1, 4096),
+        }
+
+    def check_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        return check_options("scoring 'mc_dropout'", request, self.options(), server_keys=("method", "gpus"))
+
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        request = self.check_request(request)
         start = time.time()
         weights = weights_state(self.task.weights_path)
         unlabeled = datastore.get_unlabeled_images()

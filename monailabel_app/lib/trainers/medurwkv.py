@@ -23,6 +23,15 @@ Changes to the stock task:
   ``GET /train/`` and the logs) and keeps ``models/train_stats.json`` for ``/info/`` ``train_stats``, which
   3D Slicer uses for its training and accuracy bars.
 * **Devices.** CPU when there is no GPU; multi-GPU only with more than one GPU and a ``multi_gpu_train`` config.
+* **Options are data.** Only the options listed by :meth:`MedURWKVTrain.options` are accepted, each with its type
+  and range (``lib/options.py``); the server checks them before it starts the process, and the process again.
+  MLflow tracking (``tracking``, ``tracking_uri``: copied into the bundle config, where a ``$`` string is run as
+  Python) and ``run_id`` are not offered; ``model_filename`` is always ``model.pt``, listed even before it exists
+  (Slicer takes the first item of every list option).
+* **One training at a time, across restarts.** The process holds ``models/model.pt.lock``
+  (``lib/trainers/lock.py``) while it runs; a second one fails at once.
+* **The real reason.** A failed training ends with ``TrainingFailed: <innermost error>``, the last line that
+  ``GET /train/`` shows, instead of MONAI's "Failed to evaluate ConfigExpression".
 """
 
 from __future__ import annotations
@@ -37,11 +46,21 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import device_list, strtobool
 
-from ..errors import BadInput
+from ..errors import AppError, BadInput
+from ..infers.medurwkv import _root_message
+from ..options import COMMON, Opt, check_options, devices
+from .lock import TrainingLock
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "train_stats.json"
+WEIGHTS_FILE = "model.pt"
+# what the server or monailabel adds to a training request itself (never from the client's body)
+SERVER_KEYS = ("model", "bundle_path", "local_rank")
+
+
+class TrainingFailed(RuntimeError):
+    """A training that failed, with the innermost error as its message (the last line of ``GET /train/``)."""
 
 
 class MedURWKVTrain(BundleTrainTask):
@@ -86,21 +105,48 @@ class MedURWKVTrain(BundleTrainTask):
     def stats_path(self) -> str:
         return os.path.join(self.bundle_path, "models", STATS_FILE)
 
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.bundle_path, "models", WEIGHTS_FILE)
+
+    def training_lock(self) -> TrainingLock:
+        return TrainingLock(self.weights_path)
+
     def config(self) -> Dict[str, Any]:
-        c = super().config()
-        c.update(
-            {
-                "device": device_list(),
-                "max_epochs": self.default_max_epochs,
-                "val_split": self.default_val_split,
-                "val_interval": self._bundle_number("val_interval", 1),
-                "multi_gpu": torch.cuda.device_count() > 1,
-                "learning_rate": self._bundle_number("learning_rate", 3e-4, float),
-                "keep_better_model": True,
-                "tracking": ["None", "mlflow"],
-            }
-        )
-        return c
+        """The options Slicer shows (developer mode) and sends back, every one in :meth:`options`. Every list has
+        an item in every state: Slicer sends ``v[0]`` of each list (an empty one raised IndexError before the
+        first weights existed)."""
+        return {
+            "device": device_list() or ["cpu"],
+            "pretrained": True,
+            "max_epochs": self.default_max_epochs,
+            "val_split": self.default_val_split,
+            "val_interval": self._bundle_number("val_interval", 1),
+            "multi_gpu": torch.cuda.device_count() > 1,
+            "gpus": "all",
+            "learning_rate": self._bundle_number("learning_rate", 3e-4, float),
+            "keep_better_model": True,
+            "model_filename": [WEIGHTS_FILE],
+        }
+
+    def options(self) -> Dict[str, Opt]:
+        """What a training request may hold (see ``lib/options.py``)."""
+        return {
+            **COMMON,
+            "device": devices(sorted(set(device_list()) | {"cpu", "cuda"})),
+            "pretrained": Opt(bool, doc="fine-tune the current model.pt"),
+            "max_epochs": Opt(int, 1, 100000),
+            "val_split": Opt(float, 0.0, 0.9),
+            "val_interval": Opt(int, 1, 100000),
+            "multi_gpu": Opt(bool),
+            "gpus": Opt(str, pattern=r"all|\d{1,3}(,\d{1,3}){0,63}", doc="'all' or GPU indices '0,1'"),
+            "learning_rate": Opt(float, 1e-9, 100.0),
+            "keep_better_model": Opt(bool),
+            "model_filename": Opt(str, choices=(WEIGHTS_FILE,)),
+        }
+
+    def check_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        return check_options(f"training '{self.name}'", request, self.options(), server_keys=SERVER_KEYS)
 
     def stats(self) -> Dict[str, Any]:
         try:
@@ -200,12 +246,25 @@ class MedURWKVTrain(BundleTrainTask):
         return overrides
 
     def __call__(self, request, datastore: Datastore):
-        request = dict(request)
+        request = self.check_request(dict(request))  # also checked by the server before the process started
         request.setdefault("max_epochs", self.default_max_epochs)
+        lock = self.training_lock()
+        if not lock.acquire():
+            raise TrainingFailed(
+                f"another training (process {lock.holder()}) is running on {WEIGHTS_FILE}: only one at a time"
+            )
         # the stock task edits the parsed config's handler list in place: start from the file every time
         self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
         self._request = request
         if not torch.cuda.is_available():
             request["device"] = "cpu"
             request["multi_gpu"] = False
-        return super().__call__(request, datastore)
+        try:
+            return super().__call__(request, datastore)
+        except Exception as e:
+            logger.exception("Training failed")
+            reason = e.detail if isinstance(e, AppError) else _root_message(e)
+            print(f"[{self.name}] training failed: {reason}", flush=True)
+            raise TrainingFailed(reason) from None
+        finally:
+            lock.release()
