@@ -29,7 +29,8 @@ Changes to the stock task:
   Python) and ``run_id`` are not offered; ``model_filename`` is always ``model.pt``, listed even before it exists
   (Slicer takes the first item of every list option).
 * **One training at a time, across restarts.** The process holds ``models/model.pt.lock``
-  (``lib/trainers/lock.py``) while it runs; a second one fails at once.
+  (``lib/trainers/lock.py``) while it runs; a second one fails at once. A training whose server was killed
+  finishes (its output goes nowhere, :class:`OutputWithoutReader`) rather than dying at its next progress line.
 * **The real reason.** A failed training ends with ``TrainingFailed: <innermost error>``, the last line that
   ``GET /train/`` shows, instead of MONAI's "Failed to evaluate ConfigExpression".
 """
@@ -39,6 +40,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
 from typing import Any, Dict, Optional
 
 import torch
@@ -61,6 +64,53 @@ SERVER_KEYS = ("model", "bundle_path", "local_rank")
 
 class TrainingFailed(RuntimeError):
     """A training that failed, with the innermost error as its message (the last line of ``GET /train/``)."""
+
+
+class OutputWithoutReader:
+    """``sys.stdout``/``sys.stderr`` of a training process that survive their reader. The server reads the
+    training's output through a pipe; when the server is killed the pipe breaks, and the next progress line would
+    end the training half-way (BrokenPipeError) with the weights in an arbitrary state. Instead the output then
+    goes nowhere and the training finishes; the training lock (``lock.py``) keeps a restarted server from
+    starting a second one meanwhile."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _lost(self):
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._lost()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            self._lost()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def failure_reason(e: BaseException) -> str:
+    """The innermost error, and the bundle config item MONAI was evaluating when it happened (MONAI wraps every
+    error as "Failed to evaluate ConfigExpression: <the expression>", which alone says nothing)."""
+    if isinstance(e, AppError):
+        return e.detail
+    where, cur = None, e
+    while cur is not None:
+        text = str(cur)
+        if isinstance(cur, RuntimeError) and text.startswith(("Failed to evaluate", "Failed to instantiate")):
+            expr = re.sub(r"__local_refs\['([^']+)'\]", r"@\1", text.split(":", 1)[-1])
+            expr = re.sub(r"[\s\"()]+", " ", expr).strip()
+            where = expr if len(expr) <= 160 else expr[:157] + "..."
+        cur = cur.__cause__ or (cur.__context__ if not cur.__suppress_context__ else None)
+    root = _root_message(e)
+    return f"{root} (while evaluating the bundle config item: {where})" if where else root
 
 
 class MedURWKVTrain(BundleTrainTask):
@@ -248,6 +298,8 @@ class MedURWKVTrain(BundleTrainTask):
     def __call__(self, request, datastore: Datastore):
         request = self.check_request(dict(request))  # also checked by the server before the process started
         request.setdefault("max_epochs", self.default_max_epochs)
+        if not isinstance(sys.stdout, OutputWithoutReader):
+            sys.stdout, sys.stderr = OutputWithoutReader(sys.stdout), OutputWithoutReader(sys.stderr)
         lock = self.training_lock()
         if not lock.acquire():
             raise TrainingFailed(
@@ -263,7 +315,7 @@ class MedURWKVTrain(BundleTrainTask):
             return super().__call__(request, datastore)
         except Exception as e:
             logger.exception("Training failed")
-            reason = e.detail if isinstance(e, AppError) else _root_message(e)
+            reason = failure_reason(e)
             print(f"[{self.name}] training failed: {reason}", flush=True)
             raise TrainingFailed(reason) from None
         finally:
