@@ -15,7 +15,7 @@ from typing import Any, Dict
 import medurwkv
 from lib.configs import MedURWKVConfig
 from lib.datastore import CheckedLocalDatastore
-from lib.errors import NotFound, image_not_found
+from lib.errors import BadInput, NotFound, image_not_found
 from lib.imageio import check_image_suffix
 from lib.scoring.mc_dropout import KEY_MODEL
 from lib.options import COMMON, check_options
@@ -118,6 +118,9 @@ class MedURWKVApp(MONAILabelApp):
         result = super().next_sample({**request, "strategy": strategy})
         result.pop("path", None)
         return result
+
+    def infer_wsi(self, request, datastore=None):
+        raise BadInput("Whole-slide (WSI) inference is not offered by this app: use POST /infer/{model}.")
 
     def _local_request(self, url, params, action):
         """Training and scoring processes call the server back (scoring after a training): with the service

@@ -160,6 +160,7 @@ def test_options_that_monai_would_evaluate_are_refused_and_never_run(sec):
     assert "Unknown option 'image'" in r.json()["detail"]
     probe(sec, "infer label_info $expr", "POST", f"/infer/{MODEL}_scribbles?image=colin_a", 422,
           files={"params": (None, json.dumps({"label_info": [{"name": payload, "id": 1}]}))})
+    probe(sec, "batch infer device=$expr", "POST", f"/batch/infer/{MODEL}", 422, json={"device": payload})
     probe(sec, "scoring passes=@ref", "POST", "/scoring/mc_dropout", 422, json={"passes": "@network"})
     probe(sec, "scoring force=_target_", "POST", "/scoring/mc_dropout", 422, json={"force": {"_target_": "eval"}})
     probe(sec, "next sample labels=$expr", "POST", "/activelearning/first", 422, json={"labels": payload})

@@ -8,5 +8,8 @@
 ``datastore.py``    the local datastore with label validation (shape, geometry and classes checked against the image)
 ``imageio.py``      header-level image/label checks;  ``errors.py``: errors that reach clients as 4xx/5xx
 ``studies.py``      ``--studies`` given as a dataset folder (``sample_data/``) is linked, not written into
-``server.py``       server-side adjustments: non-blocking ``/infer``, clear 4xx errors, loopback by default
+``server.py``       server-side adjustments: non-blocking ``/infer``, clear 4xx errors, loopback by default,
+                    request guard (Host, web origins, login, no server paths in answers)
+``options.py``      the allow-list every request option is checked against (no MONAI expressions from requests)
+``auth.py``         the optional login: user file (bcrypt) and signed tokens (PyJWT)
 """

@@ -212,10 +212,10 @@ def _task_of(method: str, request) -> Optional[object]:
     """The app's train task or scoring method a request is for (None: not found, or another kind of task)."""
     from monailabel.interfaces.utils.app import app_instance
 
-    tasks = {"train": "_trainers", "scoring": "_scoring_methods"}.get(method)
+    tasks = {"train": "_trainers", "scoring": "_scoring_methods", "batch_infer": "_infers"}.get(method)
     if not tasks or not isinstance(request, dict):
         return None
-    name = request.get("model" if method == "train" else "method")
+    name = request.get("method" if method == "scoring" else "model")
     return getattr(app_instance(), tasks, {}).get(name)
 
 
@@ -225,7 +225,7 @@ def _check_params(method: str, task, params):
     check = getattr(task, "check_request", None)
     if check is None:
         raise BadInput(f"This {method} task takes no options")
-    return check(params)
+    return check(params)  # batch_infer: the options of the model's infer task
 
 
 SUBMIT_WINDOW_S = 300  # a submitted task that has not started its process after this long is not waited for
@@ -520,7 +520,8 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
             hosts = ["*"]
             logger.warning("Any Host header is accepted on 0.0.0.0: list this server's names in --conf allowed_hosts")
     origins = _conf_list(conf, "cors_origins")
-    middleware = [m for m in app.user_middleware if getattr(m, "cls", None) is not CORSMiddleware]
+    ours = (CORSMiddleware, TrustedHostMiddleware, RequestGuard)  # also when the app is created again (/reload)
+    middleware = [m for m in app.user_middleware if getattr(m, "cls", None) not in ours]
     middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
     if origins:
         middleware.insert(
