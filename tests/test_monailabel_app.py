@@ -171,6 +171,7 @@ def test_startup_is_offline_and_on_loopback(ctx):
     assert not ctx.netlog.exists(), f"network lookups outside loopback: {ctx.netlog.read_text()}"
     assert ctx.server.listening_addresses() == {"127.0.0.1"}
     assert "runs in the worker-thread pool" in ctx.server.log()
+    assert ctx.client.auth_enabled() is False  # the login is off by default on loopback (what Slicer asks first)
 
 
 def test_bad_inputs_get_4xx_with_a_message(ctx):

@@ -181,10 +181,12 @@ def test_train_options_are_readable_by_slicer_before_any_weights(sec):
     config = info["trainers"][MODEL]["config"]
     params = {k: v[0] if isinstance(v, list) else v for k, v in config.items()}  # raises IndexError on []
     assert params["model_filename"] == "model.pt" and not any(isinstance(v, list) and not v for v in config.values())
-    # the allow-list accepts exactly what Slicer sends back (checked without starting a training: a bad value
-    # next to it makes the request fail in the check, so an accepted key is one that passed)
-    r = probe(sec, "train Slicer's options + one bad value", "POST", f"/train/{MODEL}", 422,
-              json={**params, "max_epochs": 0})
+    # the allow-list accepts all that Slicer sends back (checked without starting a training: the options are
+    # checked in order, and an unknown one after them is the first refused)
+    r = probe(sec, "train Slicer's options + one unknown", "POST", f"/train/{MODEL}", 422,
+              json={**params, "not_an_option": 1})
+    assert r.json()["detail"].startswith("Unknown option 'not_an_option'"), r.json()["detail"]
+    r = probe(sec, "train max_epochs 0", "POST", f"/train/{MODEL}", 422, json={**params, "max_epochs": 0})
     assert "Option 'max_epochs' must be int in [1, 100000], got 0" in r.json()["detail"]
 
 
@@ -237,6 +239,9 @@ def test_answers_and_logs_hold_no_server_paths_ids_or_upload_names(sec, tmp_path
               files={"file": (named.name, f)})
     with open(named, "rb") as f:
         requests.post(f"{sec.server.url}/infer/{MODEL}", headers=sec.headers, files={"file": (named.name, f)})
+    with open(named, "rb") as f:
+        probe(sec, "session of a volume named after a patient", "PUT", "/session/", 200,
+              files={"files": (named.name, f)})
     logs = probe(sec, "GET /logs/ with token", "GET", "/logs/?text=true&lines=5000", 200).text
     assert "Doe_Jane" not in logs and "Doe_Jane" not in sec.server.log()
     assert "filename=<upload>" in sec.server.log()

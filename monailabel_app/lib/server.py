@@ -443,13 +443,21 @@ class RequestGuard:
 
 
 class UploadNameFilter(logging.Filter):
-    """Masks uploaded file names (often patient names) in log lines: monailabel logs ``UploadFile`` objects and
-    the infer request (whose ``source_name`` is the upload's name)."""
+    """Masks uploaded file names (often patient names) in log lines: monailabel logs ``UploadFile`` objects, the
+    infer request (whose ``source_name`` is the upload's name) and session files saved under their upload name
+    in a temporary folder (``upload_dirs``: the file name of any path under them is masked)."""
 
     PATTERNS = [
         (re.compile(r"""filename=(?:'[^']*'|"[^"]*"|\S+)"""), "filename=<upload>"),
         (re.compile(r"""(['"]source_name['"]:\s*)(?:'[^']*'|"[^"]*")"""), r"\1'<upload>'"),
     ]
+
+    def __init__(self, upload_dirs: Iterable[str] = ()):
+        super().__init__()
+        dirs = "|".join(re.escape(d.rstrip("/")) for d in sorted({d for d in upload_dirs if d}, key=len, reverse=True))
+        self.patterns = list(self.PATTERNS)
+        if dirs:
+            self.patterns.append((re.compile(rf"""((?:{dirs})(?:/[^/\s'",;]+)*/)[^/\s'",;]+"""), r"\1<file>"))
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -457,19 +465,19 @@ class UploadNameFilter(logging.Filter):
         except Exception:
             return True
         masked = text
-        for pattern, replacement in self.PATTERNS:
+        for pattern, replacement in self.patterns:
             masked = pattern.sub(replacement, masked)
         if masked != text:
             record.msg, record.args = masked, ()
         return True
 
 
-def mask_upload_names_in_logs() -> None:
+def mask_upload_names_in_logs(upload_dirs: Iterable[str] = ()) -> None:
     """Put :class:`UploadNameFilter` on every handler of the root and uvicorn loggers (idempotent)."""
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
         for h in logging.getLogger(name).handlers:
             if not any(isinstance(f, UploadNameFilter) for f in h.filters):
-                h.addFilter(UploadNameFilter())
+                h.addFilter(UploadNameFilter(upload_dirs))
 
 
 def _conf_list(conf: Dict[str, str], key: str) -> List[str]:
@@ -489,7 +497,7 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     check_versions()
-    mask_upload_names_in_logs()
+    mask_upload_names_in_logs([tempfile.gettempdir(), settings.MONAI_LABEL_SESSION_PATH])
     app = app_module.app
     if not hasattr(app, "user_middleware") or not hasattr(app, "build_middleware_stack"):
         raise RuntimeError("monailabel's FastAPI app has no middleware stack to secure: unsupported version")
