@@ -1,6 +1,6 @@
 """Optional login, spoken the way 3D Slicer's MONAI Label module already speaks it.
 
-The module (``plugins/slicer/MONAILabel/MONAILabelLib/client.py`` of Project-MONAI/MONAILabel) asks
+The module (its client in Project-MONAI/MONAILabel, the Slicer plugin's ``MONAILabelLib``) asks
 ``GET /auth/`` whether login is on (``{"enabled": true}``), then posts the user name and password of its settings
 as a form (``username``, ``password``, ``grant_type=password``) to ``POST /auth/token`` and sends the answer's
 ``access_token`` as ``Authorization: Bearer <token>`` on every later request; it checks a token with

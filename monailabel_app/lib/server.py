@@ -1,6 +1,6 @@
 """Adjustments to the running MONAI Label server, applied by the app when it is created inside it.
 
-monailabel 0.8.5 has two behaviours this app cannot accept and no setting to change:
+monailabel 0.8.5 has behaviours this app cannot accept and no setting to change:
 
 1. ``POST /infer/{model}`` is an ``async def`` endpoint that runs the whole inference synchronously, so the
    event loop is blocked: ``/info/``, ``/train/`` and every other request wait until the volume is segmented
@@ -24,14 +24,15 @@ monailabel 0.8.5 has two behaviours this app cannot accept and no setting to cha
    with credentials) is dropped unless ``--conf cors_origins`` lists origins; Starlette's
    ``TrustedHostMiddleware`` checks ``Host`` against the bind address (DNS rebinding); :class:`RequestGuard`
    refuses requests that a web page sent (an ``Origin`` not listed), serves the login (``lib/auth.py``) and
-   requires its token on every other path when ``--conf auth true``, and keeps server paths out of error
-   answers. A non-loopback ``--host`` without login is refused unless ``--conf insecure true``.
+   requires its token on every other path when ``--conf auth true``, and keeps server paths out of JSON, text
+   and error answers. A non-loopback ``--host`` without login is refused unless ``--conf insecure true``.
    :func:`one_training_at_a_time` and the infer route check every request option against the task's
    allow-list (``lib/options.py``) before anything runs. Upload file names are masked in the log.
 
 All only touch objects that exist in the server process; in training/scoring subprocesses they do nothing.
 Written for monailabel 0.8.5 (:data:`MONAILABEL_VERSION`): :func:`check_versions` says clearly in the log when
-another version is installed, and each patch refuses to start the server when what it patches is missing.
+another version is installed; :func:`secure_server` refuses to start the server when the middleware stack it
+rebuilds is missing, and :func:`make_infer_non_blocking` warns when the route it replaces is not found.
 (No ``from __future__ import annotations`` here: FastAPI must see the endpoint's real annotation objects.)
 """
 
@@ -293,7 +294,7 @@ def _json(status: int, body, headers: Optional[Dict[str, str]] = None):
 
 class PathScrubber:
     """Replaces server paths under the given roots by their last component (``/srv/.../models/model.pt`` ->
-    ``model.pt``) in error answers, whatever raised them (monailabel's own messages name files)."""
+    ``model.pt``) in answers, whatever wrote them (monailabel's own results and messages name files)."""
 
     def __init__(self, roots: Iterable[str]):
         found = set()
@@ -303,7 +304,7 @@ class PathScrubber:
                     if len(v) > 1:
                         found.add(v.rstrip("/"))
         alternatives = "|".join(re.escape(r) for r in sorted(found, key=len, reverse=True))
-        self._re = re.compile(rf"(?:{alternatives})(?:/[^\s'\"\\,;:)\]}}]*)?") if alternatives else None
+        self._re = re.compile(rf"(?:{alternatives})(?![\w.-])(?:/[^\s'\"\\,;:)\]}}]*)?") if alternatives else None
 
     def __call__(self, text: str) -> str:
         if self._re is None:
@@ -342,7 +343,7 @@ class RequestGuard:
         app: the next ASGI app.
         origins: web origins allowed to send requests (``--conf cors_origins``); any other ``Origin`` is a 403.
         auth: a ``lib.auth.LocalAuth`` when login is on, else None (``/auth/`` then says ``enabled: false``).
-        scrub: what keeps server paths out of error answers.
+        scrub: what keeps server paths out of JSON, text and error answers.
     """
 
     OPEN_PATHS = ("/auth", "/auth/", "/auth/token")
@@ -445,7 +446,8 @@ class RequestGuard:
 class UploadNameFilter(logging.Filter):
     """Masks uploaded file names (often patient names) in log lines: monailabel logs ``UploadFile`` objects, the
     infer request (whose ``source_name`` is the upload's name) and session files saved under their upload name
-    in a temporary folder (``upload_dirs``: the file name of any path under them is masked)."""
+    in a temporary folder (``upload_dirs``: path prefixes; the file name of any path starting with one is
+    masked)."""
 
     PATTERNS = [
         (re.compile(r"""filename=(?:'[^']*'|"[^"]*"|\S+)"""), "filename=<upload>"),
@@ -457,7 +459,8 @@ class UploadNameFilter(logging.Filter):
         dirs = "|".join(re.escape(d.rstrip("/")) for d in sorted({d for d in upload_dirs if d}, key=len, reverse=True))
         self.patterns = list(self.PATTERNS)
         if dirs:
-            self.patterns.append((re.compile(rf"""((?:{dirs})(?:/[^/\s'",;]+)*/)[^/\s'",;]+"""), r"\1<file>"))
+            # the file name may hold spaces (Slicer's node names): masked up to a quote, comma, ';' or line end
+            self.patterns.append((re.compile(rf"""((?:{dirs})[^/\s'",;]*(?:/[^/\s'",;]+)*/)[^/'",;\n]+"""), r"\1<file>"))
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -497,7 +500,12 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     check_versions()
-    mask_upload_names_in_logs([tempfile.gettempdir(), settings.MONAI_LABEL_SESSION_PATH])
+    # monailabel saves uploads as tempfile.NamedTemporaryFile().name (<tmp>/tmpXXXX) and in the sessions folder
+    # where monailabel's Sessions keeps session volumes (its own default when the setting is empty)
+    sessions_path = (settings.MONAI_LABEL_SESSION_PATH or "").strip() or os.path.join(
+        os.path.expanduser("~"), ".cache", "monailabel", "sessions"
+    )
+    mask_upload_names_in_logs([os.path.join(tempfile.gettempdir(), "tmp"), sessions_path])
     app = app_module.app
     if not hasattr(app, "user_middleware") or not hasattr(app, "build_middleware_stack"):
         raise RuntimeError("monailabel's FastAPI app has no middleware stack to secure: unsupported version")
@@ -543,7 +551,7 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
             ),
         )
     scrub = PathScrubber(
-        [app_dir, settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_SESSION_PATH, tempfile.gettempdir(), *roots]
+        [app_dir, settings.MONAI_LABEL_STUDIES, sessions_path, tempfile.gettempdir(), *roots]
     )
     middleware.insert(2 if origins else 1, Middleware(RequestGuard, origins=origins, auth=auth, scrub=scrub))
     app.user_middleware = middleware

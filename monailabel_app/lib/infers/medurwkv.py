@@ -164,8 +164,8 @@ class ProbabilityCache:
                 self._entries.popitem(last=False)
 
 
-# what 3D Slicer's MONAI Label module adds to an infer request besides the task's own config (read from
-# plugins/slicer/MONAILabel/MONAILabel.py: Run, SmartEdit, Scribbles); ``label`` there is a segment name, never a path
+# what 3D Slicer's MONAI Label module adds to an infer request besides the task's own config (read from the
+# plugin's source, Project-MONAI/MONAILabel: Run, SmartEdit, Scribbles); ``label`` is a segment name, never a path
 _NAME = r"[^/\\\x00-\x1f]{0,128}"
 CLIENT_INFER_OPTIONS: Dict[str, Opt] = {
     **COMMON,
