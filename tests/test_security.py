@@ -172,9 +172,9 @@ def test_options_that_monai_would_evaluate_are_refused_and_never_run(sec):
 
 
 def test_train_options_are_readable_by_slicer_before_any_weights(sec):
-    """Issue 15 item 1: Slicer builds the train options with ``{k: v[0] if isinstance(v, list) else v}``
-    (the Slicer plugin of Project-MONAI/MONAILabel, getParamsFromConfig); on a cold start (no model.pt) no list may be empty, and what it builds
-    must pass the allow-list."""
+    """Issue 15 item 1: Slicer builds the train options with ``{k: v[0] if isinstance(v, list) else v}`` (the
+    Slicer plugin of Project-MONAI/MONAILabel, getParamsFromConfig); on a cold start (no model.pt) no list may be
+    empty, and what it builds must pass the allow-list."""
     if sec.weights.exists():
         pytest.skip("weights exist already (this test needs the cold start: run it alone or first)")
     info = sec.client.info()
