@@ -129,9 +129,13 @@ class MedURWKVApp(MONAILabelApp):
 
         token = os.environ.get("MEDURWKV_SERVICE_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        response = requests.post(
-            f"http://127.0.0.1:{settings.MONAI_LABEL_SERVER_PORT}{url}", json=params or {}, headers=headers, timeout=60
-        )
+        try:
+            response = requests.post(
+                f"http://127.0.0.1:{settings.MONAI_LABEL_SERVER_PORT}{url}", json=params or {}, headers=headers, timeout=60
+            )
+        except requests.RequestException as e:  # the server is gone (killed): the training itself succeeded
+            logger.error(f"Failed to trigger {action}: {type(e).__name__}")
+            return None
         if response.status_code != 200:
             logger.error(f"Failed to trigger {action}: HTTP {response.status_code}")
             return None
