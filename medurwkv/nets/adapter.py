@@ -38,8 +38,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 
-from ..checkpoint import CheckpointError, load_weights
-from .vrwkv import VisionRWKV, build_with_local_weights, load_state_dict_strict
+from ..checkpoint import CheckpointError, load_state_dict_strict, load_weights
+from .vrwkv import VisionRWKV, build_with_local_weights
 from .vrwkv import checkpoint_filter_fn as vrwkv_checkpoint_filter_fn
 
 __all__ = [

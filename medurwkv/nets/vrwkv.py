@@ -24,12 +24,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 
-from ..checkpoint import CheckpointError, load_weights, unwrap_state_dict
+from ..checkpoint import CheckpointError, load_state_dict_strict, load_weights, model_name, unwrap_state_dict
 from ..ops import bi_wkv
 
 __all__ = ["VisionRWKV", "Block", "SpatialMix", "ChannelMix", "q_shift", "checkpoint_filter_fn", "VRWKV_VARIANTS"]
 
-# Hyper-parameters of the official models (classification configs; paper-and-vrwkv.md §2.1).
+# Hyper-parameters of the official models (the ImageNet classification configs of OpenGVLab/Vision-RWKV).
 VRWKV_VARIANTS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, post_norm=False, init_values=None, key_norm=False),
     "small": dict(embed_dim=384, depth=12, post_norm=True, init_values=1.0, key_norm=False),
@@ -410,11 +410,6 @@ def remap_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return out
 
 
-def _describe(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
 def check_embed_dim(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
     """Refuse, with a readable message, a checkpoint that is not a VRWKV of the model's width and depth."""
     if "patch_embed.proj.weight" not in state_dict or not any(k.startswith("blocks.") for k in state_dict):
@@ -428,7 +423,7 @@ def check_embed_dim(state_dict: Dict[str, torch.Tensor], model: nn.Module, sourc
         found = next((n for n, v in VRWKV_VARIANTS.items() if (v["embed_dim"], v["depth"]) == (width, depth)), "unknown")
         raise CheckpointError(
             f"{source}: checkpoint is a VRWKV with embed_dim={width}, depth={depth} (variant {found}); "
-            f"the model {_describe(model)} has embed_dim={want_w}, depth={want_d}"
+            f"the model {model_name(model)} has embed_dim={want_w}, depth={want_d}"
         )
 
 
@@ -468,21 +463,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "VisionRWKV
 
 
 VisionRWKV.checkpoint_filter = staticmethod(checkpoint_filter_fn)
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` with a short message listing what is missing or unexpected."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:4])})")
-        raise CheckpointError(f"{source}: weights do not fit {_describe(model)}: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
 
 
 # --- registry ---------------------------------------------------------------------------------------------------
