@@ -330,7 +330,10 @@ class ProgressBar:
     # --- what is shown ----------------------------------------------------------------------------------------
     def _loss(self, engine: Engine) -> Optional[float]:
         try:
-            return float(self.output_transform(engine.state.output))
+            loss = self.output_transform(engine.state.output)
+            if isinstance(loss, (tuple, list)) and len(loss) == 1:  # from_engine on a dict output gives (loss,)
+                loss = loss[0]
+            return float(loss)
         except Exception:  # no loss in the output (e.g. a custom engine): show the rest
             return None
 

@@ -74,7 +74,7 @@ def test_token_mix_is_the_official_interpolation():
 
     x, xx = torch.randn(2, 7, 12, dtype=torch.float64), torch.randn(2, 7, 12, dtype=torch.float64)
     mixes = [torch.rand(1, 1, 12, dtype=torch.float64) for _ in range(3)]
-    for got, m in zip(token_mix(x, xx, *mixes), mixes):
+    for got, m in zip(token_mix(x, xx, list(mixes)), mixes):
         torch.testing.assert_close(got, x * m + xx * (1 - m), rtol=0, atol=1e-14)
 
 

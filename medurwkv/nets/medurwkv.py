@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_weights
 from .adapter import ADAPTER_VARIANTS, VisionRWKVAdapter
-from .vrwkv import VRWKV_VARIANTS, Block
+from .vrwkv import VRWKV_VARIANTS, Block, shape_str
 
 __all__ = [
     "MedURWKV",
@@ -107,9 +107,10 @@ class UNetEncoder(nn.Module):
     from a file. Subclasses set ``out_channels`` and ``strides`` once built, from their own layers.
     """
 
-    out_channels: Tuple[int, ...] = ()
-    strides: Tuple[int, ...] = ()
-    pretrained_hint: str = ""  # which weights file fits, added to load errors
+    out_channels = ()  # Tuple[int, ...]; not annotated here, TorchScript reads class annotations
+    strides = ()
+    pretrained_hint = ""  # which weights file fits, added to load errors
+    __jit_unused_properties__ = ["pretrained_module"]  # not compiled by torch.jit.script (returns a module)
 
     @property
     def pretrained_module(self) -> nn.Module:
@@ -189,12 +190,20 @@ class PlainEncoder(UNetEncoder):
         return self.backbone
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        feats = self.backbone.forward_intermediates(x, indices=self.indices, output_fmt="NCHW", intermediates_only=True, stop_early=True)
-        out = []
-        for f, norm, resample in zip(feats, [*self.norms, self.backbone.norm], self.resample):
-            f = resample(norm(f.permute(0, 2, 3, 1)))
-            out.append(f.permute(0, 3, 1, 2))
-        return out
+        # the backbone's blocks up to the last one used (what forward_intermediates(stop_early=True) runs), in a
+        # form TorchScript compiles
+        tokens, (h, w) = self.backbone.embed(x)
+        outs = self.backbone.run_blocks(tokens, (h, w), self.indices[-1] + 1)
+        B, _, C = tokens.shape
+        maps = [outs[i].view(B, h, w, C) for i in self.indices]
+        normed: List[torch.Tensor] = []
+        for i, norm in enumerate(self.norms):
+            normed.append(norm(maps[i]))
+        normed.append(self.backbone.norm(maps[3]))
+        feats: List[torch.Tensor] = []
+        for i, resample in enumerate(self.resample):
+            feats.append(resample(normed[i]).permute(0, 3, 1, 2))
+        return feats
 
 
 PlainPyramid = PlainEncoder  # the name before encoders reported their own widths and strides
@@ -234,6 +243,9 @@ class MedURWKV(nn.Module):
 
     Input: (B, in_channels, H, W) with H and W multiples of 32. Output: (B, out_channels, H, W) logits.
     """
+
+    # Python-side properties torch.jit.script leaves out (a module; a setter that edits a submodule)
+    __jit_unused_properties__ = ["pretrained_module", "dropout"]
 
     def __init__(
         self,
@@ -340,9 +352,9 @@ class MedURWKV(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
-            raise ValueError(f"MedURWKV expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+            raise ValueError(f"MedURWKV expects a (B, C, H, W) batch, got shape {shape_str(x)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"MedURWKV was built for {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(f"MedURWKV was built for {self.in_channels} input channel(s), got {x.shape[1]} (shape {shape_str(x)})")
         H, W = x.shape[-2:]
         if H % 32 or W % 32:
             raise ValueError(f"MedURWKV needs H and W divisible by 32, got {H}x{W}; pad or resize the input (e.g. DivisiblePad(k=32))")

@@ -38,6 +38,11 @@ VRWKV_VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def shape_str(x: torch.Tensor) -> str:
+    """``x``'s shape as ``(1, 3, 64, 64)``, for error messages (``tuple(x.shape)`` does not compile in TorchScript)."""
+    return "(" + ", ".join([str(d) for d in x.shape]) + ")"
+
+
 def q_shift(x: torch.Tensor, hw: Tuple[int, int], shift_pixel: int = 1, gamma: float = 0.25) -> torch.Tensor:
     """Quad-directional token shift on a (B, T, C) sequence laid out row-major on an ``hw`` grid.
 
@@ -64,11 +69,20 @@ def q_shift(x: torch.Tensor, hw: Tuple[int, int], shift_pixel: int = 1, gamma: f
     return out.reshape(B, T, C)
 
 
-def token_mix(x: torch.Tensor, xx: torch.Tensor, *mixes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """``x * m + xx * (1 - m)`` for each mix ratio ``m``, as ``xx + (x - xx) * m``: one shared subtraction and
-    one fused ``addcmul`` per ratio instead of four element-wise passes each."""
+def token_mix(x: torch.Tensor, xx: torch.Tensor, mixes: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``x * m + xx * (1 - m)`` for each mix ratio ``m`` in ``mixes``, as ``xx + (x - xx) * m``: one shared
+    subtraction and one fused ``addcmul`` per ratio instead of four element-wise passes each. (A list, not
+    ``*mixes``: TorchScript compiles no variable argument lists.)"""
     d = x - xx
-    return tuple(torch.addcmul(xx, d, m) for m in mixes)
+    return [torch.addcmul(xx, d, m) for m in mixes]
+
+
+def _bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``medurwkv.ops.bi_wkv``; under ``torch.jit.script`` its registered operator ``torch.ops.medurwkv.bi_wkv``
+    (TorchScript cannot compile the Python dispatch: imports, environment lookups)."""
+    if torch.jit.is_scripting():
+        return torch.ops.medurwkv.bi_wkv(w, u, k, v, None)
+    return bi_wkv(w, u, k, v)
 
 
 class SpatialMix(nn.Module):
@@ -99,10 +113,11 @@ class SpatialMix(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         T = x.shape[1]
         xx = q_shift(x, hw, self.shift_pixel, self.gamma)
-        xk, xv, xr = token_mix(x, xx, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        mixed = token_mix(x, xx, [self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])
+        xk, xv, xr = mixed[0], mixed[1], mixed[2]
         k, v, sr = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
         # decay and bonus are divided by the token count, exactly as the official wrapper calls its kernel
-        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        y = _bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         if self.key_norm is not None:
             y = self.key_norm(y)
         return self.output(sr * y)
@@ -127,7 +142,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         xx = q_shift(x, hw, self.shift_pixel, self.gamma)
-        xk, xr = token_mix(x, xx, self.spatial_mix_k, self.spatial_mix_r)
+        mixed = token_mix(x, xx, [self.spatial_mix_k, self.spatial_mix_r])
+        xk, xr = mixed[0], mixed[1]
         k = torch.square(torch.relu(self.key(xk)))
         if self.key_norm is not None:
             k = self.key_norm(k)
@@ -300,11 +316,11 @@ class VisionRWKV(nn.Module):
         return len(mapped)
 
     # --- forward --------------------------------------------------------------------------------------------
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         if x.dim() != 4:
-            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected an image batch (B, C, H, W), got shape {shape_str(x)}")
         if x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(f"expected {self.patch_embed.proj.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(f"expected {self.patch_embed.proj.in_channels} input channels, got {x.shape[1]} (shape {shape_str(x)})")
         x = self.patch_embed(x)  # (B, h, w, C)
         B, h, w, C = x.shape
         pos = resample_abs_pos_embed(
@@ -312,20 +328,23 @@ class VisionRWKV(nn.Module):
         )  # bicubic, align_corners=False, no antialias: as the official resize_pos_embed
         return self.pos_drop(x.reshape(B, h * w, C) + pos), (h, w)
 
-    def _run_blocks(self, x: torch.Tensor, hw: Tuple[int, int], blocks: Sequence[nn.Module]) -> List[torch.Tensor]:
-        outs = []
-        for blk in blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-            outs.append(x)
+    def run_blocks(self, x: torch.Tensor, hw: Tuple[int, int], n: int = -1) -> List[torch.Tensor]:
+        """Outputs of the first ``n`` blocks (all if ``n < 0``) on embedded tokens ``x`` laid out on ``hw``.
+        (A count, not a slice of ``blocks``: TorchScript iterates a ModuleList only as a whole.)"""
+        outs: List[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if n < 0 or i < n:
+                if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
+                    x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+                else:
+                    x = blk(x, hw)
+                outs.append(x)
         return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, h*w, C)."""
-        x, hw = self._embed(x)
-        x = self._run_blocks(x, hw, self.blocks)[-1]
+        x, hw = self.embed(x)
+        x = self.run_blocks(x, hw)[-1]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -359,9 +378,8 @@ class VisionRWKV(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        x, hw = self._embed(x)
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        outs = self._run_blocks(x, hw, blocks)
+        x, hw = self.embed(x)
+        outs = self.run_blocks(x, hw, max_index + 1 if stop_early else -1)
         inter = [self.norm(outs[i]) if norm else outs[i] for i in take]
         if output_fmt == "NCHW":
             B, _, C = x.shape
