@@ -186,3 +186,29 @@ def test_torchscript_script_saves_loads_and_matches_eager_at_any_size(encoder, t
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
         with pytest.raises(Exception, match="divisible by 32"):
             loaded(torch.randn(1, 1, 100, 128))
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_eager_for_other_batch_sizes(tmp_path):
+    """ONNX export of the inference network (adapter encoder, fewer blocks to keep the export to seconds) run
+    with onnxruntime against eager PyTorch, for the example batch and another batch size."""
+    np = pytest.importorskip("numpy")
+    ort = pytest.importorskip("onnxruntime")
+    from medurwkv.nets import AdapterEncoder
+
+    torch.manual_seed(0)
+    encoder = AdapterEncoder("tiny", in_channels=1, embed_dim=96, depth=4, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]])
+    model = MedURWKV(1, 2, encoder=encoder, bottleneck_depth=1, decoder_depths=(1, 1, 1)).eval()
+    path = tmp_path / "medurwkv.onnx"
+    torch.onnx.export(
+        model, (torch.rand(1, 1, 64, 64),), str(path), dynamo=False, opset_version=17,
+        input_names=["image"], output_names=["pred"], dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.rand(batch, 1, 64, 64)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == (batch, 2, 64, 64)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -22,7 +22,7 @@ subclass, passed to ``MedURWKV(encoder=...)`` as an instance or added to ``ENCOD
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -137,10 +137,14 @@ class AdapterEncoder(VisionRWKVAdapter, UNetEncoder):
         "use encoder='plain' for ImageNet classification checkpoints"
     )
 
-    def __init__(self, variant: str = "tiny", in_channels: int = 1, drop_path_rate: float = 0.0, img_size: Optional[int] = None):
+    def __init__(
+        self, variant: str = "tiny", in_channels: int = 1, drop_path_rate: float = 0.0, img_size: Optional[int] = None, **overrides: Any
+    ):
+        """``variant``'s hyper-parameters (``ADAPTER_VARIANTS``), with ``overrides`` (any ``VisionRWKVAdapter``
+        argument, e.g. a smaller ``depth`` and ``interaction_indexes`` for tests) on top."""
         if variant not in ADAPTER_VARIANTS:
             raise ValueError(f"variant must be one of {sorted(ADAPTER_VARIANTS)}, got {variant!r}")
-        cfg = dict(ADAPTER_VARIANTS[variant], in_chans=in_channels, drop_path_rate=drop_path_rate)
+        cfg = dict(ADAPTER_VARIANTS[variant], in_chans=in_channels, drop_path_rate=drop_path_rate, **overrides)
         if img_size is not None:
             cfg["img_size"] = img_size
         super().__init__(**cfg)
