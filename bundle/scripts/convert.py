@@ -7,7 +7,9 @@ from typing import Any, Dict, Optional
 from medurwkv.convert import convert
 
 
-def convert_encoder(src: Optional[str], dst: str, in_channels: int = 1, variant: str = "tiny", encoder: str = "adapter") -> Dict[str, Any]:
+def convert_encoder(
+    src: Optional[str], dst: str, in_channels: int = 1, variant: str = "tiny", encoder: str = "adapter"
+) -> Dict[str, Any]:
     """Call ``medurwkv.convert.convert`` with the bundle's input channels and encoder kind.
 
     ``encoder="adapter"`` takes the ADE20K UperNet checkpoint (``upernet_vrwkv_adapter_tiny_512_160k_ade20k.pth``),
