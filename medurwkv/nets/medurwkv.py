@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_weights
 from .adapter import ADAPTER_VARIANTS, VisionRWKVAdapter

@@ -15,7 +15,7 @@ handling): ``timm.create_model('vrwkv_tiny', pretrained=True, pretrained_cfg_ove
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
