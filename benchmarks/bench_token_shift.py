@@ -48,7 +48,7 @@ def pad_cat(x, hw, mk, mv, mr, s=1, gamma=0.25):
 
 
 def medurwkv(x, hw, mk, mv, mr):
-    return token_mix(x, q_shift(x, hw), mk, mv, mr)
+    return token_mix(x, q_shift(x, hw), [mk, mv, mr])
 
 
 def timed(fn, device: str, reps: int) -> dict:

@@ -9,17 +9,32 @@ which old mmcv checkpoints can hold in their ``meta`` (plain data, no code).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 
-__all__ = ["CheckpointError", "load_weights", "unwrap_state_dict", "save_weights", "sha256sum"]
+__all__ = [
+    "CheckpointError",
+    "load_weights",
+    "unwrap_state_dict",
+    "load_state_dict_strict",
+    "model_name",
+    "save_weights",
+    "atomic_write",
+    "write_json_atomic",
+    "file_stamp",
+    "sha256sum",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -102,30 +117,92 @@ def load_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return unwrap_state_dict(_read_torch_file(path), path)
 
 
+def model_name(model: nn.Module) -> str:
+    """The timm architecture of ``model`` (``vrwkv_tiny``) when it has one, else its class name (for messages)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with a short ``CheckpointError`` naming ``source`` and
+    listing what is missing, unexpected or of another shape (instead of torch's wall of keys)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:4])})")
+        raise CheckpointError(f"{source}: weights do not fit {model_name(model)}: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; once the block has written it, fsync it and rename it onto
+    ``path`` (readers see the old file or the new one, never a partial one). On error the temp file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> None:
+    """``json.dump`` to ``path`` through ``atomic_write``."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Dict[str, str] | None = None) -> str:
-    """Write tensor-only weights atomically (temp file + rename) and return the file's sha256.
+    """Write tensor-only weights atomically (``atomic_write``) and return the file's sha256.
 
     ``.safetensors`` paths are written with safetensors (``metadata`` goes into its header); any other
     suffix with ``torch.save`` of a plain dict of tensors (loadable with ``weights_only=True``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    try:
+    with atomic_write(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(tensors, str(tmp), metadata=metadata)
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return sha256sum(path)
 
 
+def file_stamp(path: PathLike) -> Optional[Tuple[int, int]]:
+    """``(mtime_ns, size)`` of a file, or of a folder (a DICOM series: the newest mtime of the folder and its
+    files, their total size): what changes when the file or any file of the folder is rewritten, added or
+    removed. None when ``path`` is gone."""
+    try:
+        st = os.stat(path)
+        if not os.path.isdir(path):
+            return (int(st.st_mtime_ns), int(st.st_size))
+        newest, size = int(st.st_mtime_ns), 0
+        with os.scandir(path) as entries:
+            for e in entries:
+                if e.is_file():
+                    s = e.stat()
+                    newest, size = max(newest, int(s.st_mtime_ns)), size + int(s.st_size)
+        return (newest, size)
+    except OSError:
+        return None
+
+
 def sha256sum(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m medurwkv <command>`` (``convert``, ``params``)."""
+"""Command line: ``python -m medurwkv <command>`` (``convert``, ``params``, ``export-bundle``)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,18 @@ def convert(src: str, dst: str, in_channels: Optional[int] = None, variant: str 
     _convert(src, dst, in_channels=in_channels, variant=variant, encoder=encoder)
 
 
+def export_bundle(out: str, weights: Optional[str] = None, bundle: Optional[str] = None, sample_data: Optional[str] = None) -> None:
+    """A self-contained copy of the MONAI bundle in OUT for the model zoo (library code in scripts/, WEIGHTS as
+    models/model.pt with their sha256 in large_files.yml, sample data in data/)."""
+    from .export import export_bundle as _export
+
+    _export(out, weights=weights, bundle=bundle, sample_data=sample_data)
+
+
 def main() -> None:
     import fire
 
-    fire.Fire({"convert": convert, "params": params})
+    fire.Fire({"convert": convert, "params": params, "export-bundle": export_bundle})
 
 
 if __name__ == "__main__":

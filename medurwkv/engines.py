@@ -1,5 +1,5 @@
 """Ignite/MONAI engine handlers for Med-URWKV training: the paper's encoder freeze, atomic checkpoints,
-resuming, and a progress bar.
+resuming, and progress (a tqdm bar or log lines, with an optional stats JSON).
 
 All are plain handlers with ``attach(engine)`` (or ``__call__(engine)`` for one-off loaders), so the bundle's
 ``train.json`` lists them next to MONAI's own handlers.
@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional
+import sys
+import time
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
+
+from .checkpoint import file_stamp, write_json_atomic
 
 __all__ = ["FreezeEncoderHandler", "AtomicCheckpointSaver", "ResumeTraining", "ProgressBar"]
 
@@ -172,11 +176,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         ckpt = self._key_metric_checkpoint
         if ckpt is None or not self.key_metric_filename:
             return None
-        try:
-            st = os.stat(os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename)))
-        except OSError:
-            return None
-        return [int(st.st_mtime_ns), int(st.st_size)]
+        stamp = file_stamp(os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename)))
+        return None if stamp is None else list(stamp)
 
     def load_state_dict(self, state: Mapping) -> None:
         """Take a saved best score as the one to beat (see ``state_dict``). Ignored, with a warning, when the file
@@ -272,14 +273,26 @@ class ResumeTraining:
 
 
 class ProgressBar:
-    """One tqdm bar for the whole training run (all iterations of all epochs), showing the epoch, the loss
-    and the latest validation key metric. Resumed runs start the bar where they stopped.
+    """Progress of a whole training run: one tqdm bar over all iterations of all epochs (the default), or, with
+    ``lines=True``, one log line per ``iteration_interval`` iterations and per epoch (readable where a bar's
+    ``\r`` redraws are not: MONAI Label's ``GET /train/`` details, server logs). Shows the epoch, the loss and
+    the validation key metric; resumed runs start where they stopped.
+
+    With ``stats_file``, a small JSON is rewritten atomically at the start, after every epoch and at the end
+    with ``epoch``, ``total_epochs``, ``iteration``, ``best_metric`` (0.0 before any), ``best_metric_epoch``,
+    ``key_metric``, ``start_ts``, ``elapsed_s``, ``status`` (``RUNNING``/``DONE``) and, when done,
+    ``total_time``: the keys 3D Slicer's MONAI Label module reads from ``/info/`` ``train_stats``.
+    Under DDP only rank 0 reports.
 
     Args:
         validator: the validation evaluator whose key metric is shown (optional).
         output_transform: how to read the loss from ``engine.state.output``.
-        desc: bar label.
-        disable: turn the bar off (e.g. on non-zero ranks); ``None`` lets tqdm decide.
+        desc: label of the bar or prefix of the lines (``[desc] ...``).
+        disable: turn the bar off (e.g. on non-zero ranks); ``None`` lets tqdm decide. Lines and stats are
+            not affected.
+        lines: print lines instead of drawing a bar.
+        iteration_interval: with ``lines``, print every this many iterations (and the last of each epoch).
+        stats_file: path of the stats JSON, or None for none.
     """
 
     def __init__(
@@ -288,52 +301,127 @@ class ProgressBar:
         output_transform: Callable = from_engine(["loss"], first=True),
         desc: str = "train",
         disable: Optional[bool] = False,
+        lines: bool = False,
+        iteration_interval: int = 1,
+        stats_file: Optional[str] = None,
     ) -> None:
         self.validator = validator
         self.output_transform = output_transform
         self.desc = desc
         self.disable = disable
+        self.lines = bool(lines)
+        self.iteration_interval = max(1, int(iteration_interval))
+        self.stats_file = stats_file
+        self.stats: Dict[str, Any] = {}
+        self.start = time.time()
         self._bar: Any = None
 
     def attach(self, engine: Engine) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # multi-GPU: one report, from rank 0
         engine.add_event_handler(Events.STARTED, self._open)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
         engine.add_event_handler(Events.COMPLETED, self._close)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._close_on_error)
 
-    def _open(self, engine: Engine) -> None:
-        from tqdm.auto import tqdm
+    # --- what is shown ----------------------------------------------------------------------------------------
+    def _loss(self, engine: Engine) -> Optional[float]:
+        try:
+            loss = self.output_transform(engine.state.output)
+            if isinstance(loss, (tuple, list)) and len(loss) == 1:  # from_engine on a dict output gives (loss,)
+                loss = loss[0]
+            return float(loss)
+        except Exception:  # no loss in the output (e.g. a custom engine): show the rest
+            return None
 
-        total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
-        self._bar = tqdm(total=total or None, initial=engine.state.iteration, desc=self.desc, unit="it", dynamic_ncols=True, disable=self.disable, mininterval=1.0)
+    def _best(self) -> tuple:
+        """(best key metric, its epoch) of the validator so far, or (None, None)."""
+        state = getattr(self.validator, "state", None)
+        best = getattr(state, "best_metric", None)
+        if best is None or best == -1:
+            return None, None
+        return float(best), int(getattr(state, "best_metric_epoch", -1))
 
     def _postfix(self, engine: Engine) -> dict:
         post = {"epoch": f"{engine.state.epoch}/{engine.state.max_epochs}"}
-        try:
-            loss = self.output_transform(engine.state.output)
-            post["loss"] = f"{float(loss):.4f}"
-        except Exception:  # no loss in the output (e.g. a custom engine): show the rest
-            pass
+        loss = self._loss(engine)
+        if loss is not None:
+            post["loss"] = f"{loss:.4f}"
         v = self.validator
         if v is not None and getattr(v.state, "key_metric_name", None) in (v.state.metrics or {}):
             post[v.state.key_metric_name] = f"{float(v.state.metrics[v.state.key_metric_name]):.4f}"
         return post
 
+    def _print(self, msg: str) -> None:
+        print(f"[{self.desc}] {msg}", file=sys.stdout, flush=True)
+
+    def _save(self, engine: Engine, **extra: Any) -> None:
+        best, best_epoch = self._best()
+        self.stats = {
+            "epoch": int(engine.state.epoch),
+            "total_epochs": int(engine.state.max_epochs or 0),
+            "iteration": int(engine.state.iteration),
+            "best_metric": best if best is not None else 0.0,
+            "best_metric_epoch": best_epoch,
+            "key_metric": getattr(getattr(self.validator, "state", None), "key_metric_name", None),
+            "start_ts": int(self.start),
+            "elapsed_s": round(time.time() - self.start, 1),
+            **extra,
+        }
+        if self.stats_file:
+            write_json_atomic(self.stats_file, self.stats)
+
+    # --- events -----------------------------------------------------------------------------------------------
+    def _open(self, engine: Engine) -> None:
+        self.start = time.time()
+        if self.lines:
+            device = getattr(engine.state, "device", None) or getattr(engine, "device", "")
+            self._print(f"started: {engine.state.max_epochs} epoch(s) of {engine.state.epoch_length} iteration(s) on {device}")
+            best, best_epoch = self._best()
+            if best is not None and best_epoch == 0:  # ValidationHandler(exec_at_start) ran before this handler
+                key = getattr(self.validator.state, "key_metric_name", None) or "metric"
+                self._print(f"current model before training: {key} {best:.4f}; model.pt is replaced only by a better one")
+        else:
+            from tqdm.auto import tqdm
+
+            total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
+            self._bar = tqdm(total=total or None, initial=engine.state.iteration, desc=self.desc, unit="it", dynamic_ncols=True, disable=self.disable, mininterval=1.0)
+        self._save(engine, status="RUNNING")
+
     def _update(self, engine: Engine) -> None:
         if self._bar is not None:
             self._bar.set_postfix(self._postfix(engine), refresh=False)
             self._bar.update(1)
+        if self.lines:
+            n = engine.state.epoch_length or 0
+            i = (engine.state.iteration - 1) % n + 1 if n else engine.state.iteration
+            if i % self.iteration_interval == 0 or i == n:
+                loss = self._loss(engine)
+                loss_s = f" loss {loss:.4f}" if loss is not None else ""
+                self._print(f"epoch {engine.state.epoch}/{engine.state.max_epochs} iteration {i}/{n}{loss_s}")
 
-    def _epoch(self, engine: Engine) -> None:
-        if self._bar is not None:  # after validation handlers of this epoch have run
+    def _epoch(self, engine: Engine) -> None:  # after the validation handlers of this epoch have run
+        if self._bar is not None:
             self._bar.set_postfix(self._postfix(engine))
+        self._save(engine, status="RUNNING")
+        if self.lines:
+            best, best_epoch = self._best()
+            best_s = f"; best {self.stats.get('key_metric') or 'metric'} {best:.4f} (epoch {best_epoch})" if best is not None else ""
+            self._print(f"epoch {engine.state.epoch}/{engine.state.max_epochs} done in {self.stats['elapsed_s']} s{best_s}")
 
     def _close(self, engine: Engine) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._save(engine, status="DONE", total_time=round(time.time() - self.start, 1))
+        if self.lines:
+            self._print(f"finished {engine.state.epoch} epoch(s) in {self.stats['total_time']} s")
 
     def _close_on_error(self, engine: Engine, e: Exception) -> None:
-        self._close(engine)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         raise e

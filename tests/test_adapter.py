@@ -185,8 +185,8 @@ def test_ms_deform_attn_float32_and_init():
 
 def test_deform_inputs_geometry():
     inject, extract = deform_inputs(torch.randn(1, 1, 64, 96))
-    assert inject.value_shapes == ((8, 12), (4, 6), (2, 3)) and inject.query_shapes == ((4, 6),)
-    assert extract.value_shapes == ((4, 6),) and extract.query_shapes == ((8, 12), (4, 6), (2, 3))
+    assert inject.value_shapes == [(8, 12), (4, 6), (2, 3)] and inject.query_shapes == [(4, 6)]
+    assert extract.value_shapes == [(4, 6)] and extract.query_shapes == [(8, 12), (4, 6), (2, 3)]
     assert inject.reference_points.shape == (1, 24, 1, 2) and extract.reference_points.shape == (1, 96 + 24 + 6, 1, 2)
     # pixel centres, x first, row-major
     torch.testing.assert_close(inject.reference_points[0, :2, 0], torch.tensor([[0.5 / 6, 0.5 / 4], [1.5 / 6, 0.5 / 4]]))

@@ -148,7 +148,18 @@ def test_metadata_fields_for_monai_label_and_zoo():
 
 def test_configs_agree_on_the_network():
     cfg = {n: json.loads((BUNDLE / "configs" / f"{n}.json").read_text()) for n in ("train", "inference", "convert")}
-    assert cfg["train"]["network_def"] == cfg["inference"]["network_def"]
+    # one route for encoder weights: training builds the network with them; inference loads model.pt as handlers#0
+    train_net = dict(cfg["train"]["network_def"])
+    assert train_net.pop("pretrained_encoder") == "@pretrained_encoder_path" and "pretrained_encoder_loader" not in cfg["train"]
+    assert train_net == cfg["inference"]["network_def"]
+    loader = cfg["inference"]["handlers"][0]
+    assert loader["_target_"] == "CheckpointLoader" and loader["strict"] is True and loader["load_dict"] == {"model": "@network"}
+    assert "model.pt" in loader["load_path"]
+    # multi-GPU training and evaluation run train.json's own initialize steps (no hand-made copy)
+    multi, evaluate = (json.loads((BUNDLE / "configs" / f"{n}.json").read_text()) for n in ("multi_gpu_train", "evaluate"))
+    assert [i for i in multi["initialize"] if i.startswith("@")] == [i for i in cfg["train"]["initialize"] if i.startswith("@")]
+    assert "@data_checks#1" in evaluate["initialize"]
+    assert not any("check_datalist" in i or "_loader(" in i for i in multi["initialize"] + evaluate["initialize"])
     for k in ("pixdim", "roi_size", "encoder"):
         assert cfg["train"][k] == cfg["inference"][k], k
     assert cfg["convert"]["in_channels"] == cfg["train"]["network_def"]["in_channels"]

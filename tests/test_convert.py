@@ -74,3 +74,25 @@ def test_refuses_pickled_objects_without_writing(tmp_path, official):
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         convert(str(evil), str(dst), quiet=True)
     assert dst.read_bytes() == b"previous"  # nothing already written is lost
+
+
+def test_bundle_network_def_takes_the_official_file_without_converting(official, tmp_path):
+    """One route for encoder weights: train.json's network_def loads an official .pth itself (convert.json is an
+    optional cache), into exactly the tensors a converted file gives, and the recipe then freezes the encoder."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    ref, src = official
+    bundle = Path(__file__).resolve().parents[1] / "bundle"
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), "encoder": "plain", "pretrained_encoder_path": str(src)})
+    net = parser.get_parsed_content("network_def")
+    converted = tmp_path / "encoder.pt"
+    convert(str(src), str(converted), in_channels=1, quiet=True)
+    expected = MedURWKV(1, 2, encoder="plain", pretrained_encoder=str(converted)).pretrained_module.state_dict()
+    got = net.pretrained_module.state_dict()
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    torch.testing.assert_close(got["blocks.0.att.key.weight"], ref.state_dict()["blocks.0.att.key.weight"])
+    assert parser.get_parsed_content("train#handlers#1#epochs") == parser.get_parsed_content("freeze_encoder_epochs") > 0

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from medurwkv.checkpoint import CheckpointError
-from medurwkv.nets.medurwkv import MedURWKV, PatchExpand, PatchMerge, enable_mc_dropout
+from medurwkv.nets.medurwkv import MedURWKV, PatchExpand, PatchMerge, UNetEncoder, enable_mc_dropout
 
 from vrwkv_helpers import randomize, to_official_layout
 
@@ -105,3 +105,110 @@ def test_bad_input_is_reported_clearly():
         MedURWKV(1, 2, encoder="resnet")
     with pytest.raises(ValueError, match="variant must be"):
         MedURWKV(1, 2, variant="huge")
+
+
+class _ConvEncoder(UNetEncoder):
+    """A non-RWKV encoder written against the interface: four strided convolutions of different widths."""
+
+    def __init__(self, in_channels: int = 1, widths=(8, 16, 24, 32)):
+        super().__init__()
+        layers, prev = [], in_channels
+        for i, w in enumerate(widths):
+            layers.append(torch.nn.Conv2d(prev, w, kernel_size=4 if i == 0 else 2, stride=4 if i == 0 else 2))
+            prev = w
+        self.layers = torch.nn.ModuleList(layers)
+        self.out_channels = tuple(widths)
+        self.strides = (4, 8, 16, 32)
+
+    def forward(self, x):
+        out = []
+        for layer in self.layers:
+            x = layer(x)
+            out.append(x)
+        return out
+
+
+def test_an_encoder_is_one_class_and_sizes_the_decoder():
+    from medurwkv.nets import AdapterEncoder, MedURWKV as Exported, PlainEncoder
+
+    assert Exported is MedURWKV
+    adapter, plain = AdapterEncoder("tiny", in_channels=1), PlainEncoder("small", in_channels=1)
+    assert (adapter.out_channels, adapter.strides) == ((192,) * 4, (4, 8, 16, 32))
+    assert (plain.out_channels, plain.strides) == ((384,) * 4, (4, 8, 16, 32))
+    # the default decoder widths follow the built encoder: the paper-sized tiny network keeps its shapes
+    tiny = MedURWKV(1, 2, variant="tiny", encoder="adapter")
+    assert tiny.bottleneck_proj.weight.shape == (384, 192) and tiny.head.weight.shape == (2, 48, 1, 1)
+    assert MedURWKV(1, 2, variant="small", encoder=plain).fuse[0].weight.shape == (384, 384 + 384)
+    # a new encoder: the skips' widths come from it (24 at stride 16, 16 at 8, 8 at 4; 32 into the bottleneck)
+    torch.manual_seed(0)
+    net = MedURWKV(1, 3, encoder=_ConvEncoder(), decoder_dims=(64, 32, 16, 8), drop_path_rate=0.0).eval()
+    assert [f.weight.shape[1] for f in net.fuse] == [32 + 24, 16 + 16, 8 + 8]
+    assert net.bottleneck_proj.weight.shape == (64, 32)
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 64, 96)).shape == (2, 3, 64, 96)
+    assert net.encoder_parameters() == list(net.encoder.parameters())
+
+
+def test_encoder_with_other_strides_is_refused():
+    enc = _ConvEncoder()
+    enc.strides = (2, 4, 8, 16)
+    with pytest.raises(ValueError, match=r"strides \(2, 4, 8, 16\).*needs four maps at strides \(4, 8, 16, 32\)"):
+        MedURWKV(1, 2, encoder=enc)
+    with pytest.raises(TypeError, match="UNetEncoder"):
+        MedURWKV(1, 2, encoder=torch.nn.Identity())
+
+
+def test_pretrained_encoder_from_safetensors_equals_official_pth(tmp_path):
+    """One route for encoder weights: official .pth, safetensors and converted files give the same encoder."""
+    from medurwkv.checkpoint import save_weights
+
+    ref = randomize(timm.create_model("vrwkv_tiny")).eval()
+    pth = tmp_path / "vrwkv_t_in1k_224.pth"
+    torch.save({"state_dict": to_official_layout(ref.state_dict()), "meta": {}}, pth)
+    st = tmp_path / "encoder.safetensors"
+    save_weights(to_official_layout(ref.state_dict()), st)
+    a = MedURWKV(1, 2, encoder="plain", pretrained_encoder=str(pth)).pretrained_module.state_dict()
+    b = MedURWKV(1, 2, encoder="plain", pretrained_encoder=str(st)).pretrained_module.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.medurwkv, "bi_wkv"), reason="needs the torch.ops.medurwkv.bi_wkv operator (medurwkv.ops)")
+@pytest.mark.parametrize("encoder", ["adapter", "plain"])
+def test_torchscript_script_saves_loads_and_matches_eager_at_any_size(encoder, tmp_path):
+    """torch.jit.script (not a trace): the saved module takes other slice sizes than any example, exactly."""
+    torch.manual_seed(0)
+    model = MedURWKV(1, 2, encoder=encoder).eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "model.ts"))
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    with torch.jit.optimized_execution(False), torch.no_grad():  # no profiling runs: seconds, not a minute
+        for shape in ((1, 1, 64, 64), (2, 1, 96, 128)):
+            x = torch.randn(*shape)
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(Exception, match="divisible by 32"):
+            loaded(torch.randn(1, 1, 100, 128))
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_eager_for_other_batch_sizes(tmp_path):
+    """ONNX export of the inference network (adapter encoder, fewer blocks to keep the export to seconds) run
+    with onnxruntime against eager PyTorch, for the example batch and another batch size."""
+    np = pytest.importorskip("numpy")
+    ort = pytest.importorskip("onnxruntime")
+    from medurwkv.nets import AdapterEncoder
+
+    torch.manual_seed(0)
+    encoder = AdapterEncoder("tiny", in_channels=1, embed_dim=96, depth=4, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]])
+    model = MedURWKV(1, 2, encoder=encoder, bottleneck_depth=1, decoder_depths=(1, 1, 1)).eval()
+    path = tmp_path / "medurwkv.onnx"
+    torch.onnx.export(
+        model, (torch.rand(1, 1, 64, 64),), str(path), dynamo=False, opset_version=17,
+        input_names=["image"], output_names=["pred"], dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.rand(batch, 1, 64, 64)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == (batch, 2, 64, 64)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

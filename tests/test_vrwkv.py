@@ -74,14 +74,14 @@ def test_token_mix_is_the_official_interpolation():
 
     x, xx = torch.randn(2, 7, 12, dtype=torch.float64), torch.randn(2, 7, 12, dtype=torch.float64)
     mixes = [torch.rand(1, 1, 12, dtype=torch.float64) for _ in range(3)]
-    for got, m in zip(token_mix(x, xx, *mixes), mixes):
+    for got, m in zip(token_mix(x, xx, list(mixes)), mixes):
         torch.testing.assert_close(got, x * m + xx * (1 - m), rtol=0, atol=1e-14)
 
 
 def test_position_embedding_resized_bicubic_without_antialias():
     model = randomize(timm.create_model("vrwkv_tiny")).eval()
     x = torch.randn(1, 3, 160, 96)
-    tokens, hw = model._embed(x)
+    tokens, hw = model.embed(x)
     assert hw == (10, 6)
     patches = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
     grid = model.pos_embed.reshape(1, 14, 14, 192).permute(0, 3, 1, 2)

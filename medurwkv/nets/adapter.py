@@ -22,8 +22,6 @@ SyncBatchNorm is replaced by ``nn.BatchNorm2d`` (same state-dict keys). To start
 classifier instead, as the official ADE20K training did, use ``model.load_pretrained(PATH, strict=False)``.
 """
 
-from __future__ import annotations
-
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,8 +36,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 
-from ..checkpoint import CheckpointError, load_weights
-from .vrwkv import VisionRWKV, build_with_local_weights, load_state_dict_strict
+from ..checkpoint import CheckpointError, load_state_dict_strict, load_weights
+from .vrwkv import VisionRWKV, build_with_local_weights, shape_str
 from .vrwkv import checkpoint_filter_fn as vrwkv_checkpoint_filter_fn
 
 __all__ = [
@@ -102,16 +100,16 @@ class DeformInputs(NamedTuple):
     """
 
     reference_points: torch.Tensor
-    value_shapes: Tuple[Tuple[int, int], ...]
-    query_shapes: Tuple[Tuple[int, int], ...]
+    value_shapes: List[Tuple[int, int]]
+    query_shapes: List[Tuple[int, int]]
 
 
-def _reference_points(shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+def _reference_points(shapes: List[Tuple[int, int]], device: torch.device) -> torch.Tensor:
     """Pixel centres ((i + 0.5) / size) of each grid, row-major, levels concatenated: (1, sum h*w, 1, 2).
 
     Built in float32 with linspace-then-divide, as the official ``get_reference_points``, so that the sampling
     positions round exactly like the official model's."""
-    points = []
+    points: List[torch.Tensor] = []
     for h, w in shapes:
         ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device) / h
         xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device) / w
@@ -127,9 +125,9 @@ def deform_inputs(x: torch.Tensor) -> Tuple[DeformInputs, DeformInputs]:
         ``(inject, extract)``. ``inject``: the stride-16 VRWKV tokens query the SPM tokens at strides 8, 16
         and 32. ``extract``: the SPM tokens (three levels) query the stride-16 VRWKV tokens.
     """
-    H, W = x.shape[-2:]
-    spm_levels = ((H // 8, W // 8), (H // 16, W // 16), (H // 32, W // 32))
-    vit_level = ((H // 16, W // 16),)
+    H, W = x.shape[-2], x.shape[-1]
+    spm_levels = [(H // 8, W // 8), (H // 16, W // 16), (H // 32, W // 32)]
+    vit_level = [(H // 16, W // 16)]
     inject = DeformInputs(_reference_points(vit_level, x.device), spm_levels, vit_level)
     extract = DeformInputs(_reference_points(spm_levels, x.device), vit_level, spm_levels)
     return inject, extract
@@ -137,7 +135,7 @@ def deform_inputs(x: torch.Tensor) -> Tuple[DeformInputs, DeformInputs]:
 
 def ms_deform_attn_sample(
     value: torch.Tensor,
-    value_shapes: Sequence[Tuple[int, int]],
+    value_shapes: List[Tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -157,15 +155,16 @@ def ms_deform_attn_sample(
         (N, Lq, M * D) in ``value``'s dtype (computed in at least float32).
     """
     N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
-    if S != sum(h * w for h, w in value_shapes) or L != len(value_shapes):
-        raise ValueError(f"value has {S} tokens in {L} levels, but value_shapes are {list(value_shapes)}")
+    Lq, L = sampling_locations.shape[1], sampling_locations.shape[3]
+    sizes = [h * w for h, w in value_shapes]
+    if S != sum(sizes) or L != len(value_shapes):
+        raise ValueError(f"value has {S} tokens in {L} levels, but value_shapes are {value_shapes}")
     # grid_sample in half precision would blur sampling positions; the official op also runs in float32
     dtype = torch.promote_types(value.dtype, torch.float32)
     grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1)  # (N*M, Lq, L, P, 2)
     weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1)  # (N*M, Lq, L, P)
     out = value.new_zeros((N * M, D, Lq), dtype=dtype)
-    for level, v in enumerate(value.to(dtype).split([h * w for h, w in value_shapes], dim=1)):
+    for level, v in enumerate(value.to(dtype).split(sizes, dim=1)):
         h, w = value_shapes[level]
         v = v.permute(0, 2, 3, 1).reshape(N * M, D, h, w)
         sampled = F.grid_sample(v, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, Lq, P)
@@ -215,7 +214,7 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(
-        self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor, value_shapes: Sequence[Tuple[int, int]]
+        self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor, value_shapes: List[Tuple[int, int]]
     ) -> torch.Tensor:
         """
         Args:
@@ -236,7 +235,7 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(self.attention_weights(query).view(N, Lq, M, L * P), dim=-1).view(N, Lq, M, L, P)
         # offsets are in pixels of each level: divide by that level's (w, h) to move in normalised units
         dtype = torch.promote_types(offsets.dtype, torch.float32)
-        size = torch.tensor([(w, h) for h, w in value_shapes], dtype=dtype, device=query.device)
+        size = torch.tensor([[float(w), float(h)] for h, w in value_shapes], dtype=dtype, device=query.device)
         locations = reference_points.to(dtype)[:, :, None, :, None, :] + offsets.to(dtype) / size[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn_sample(v, value_shapes, locations, weights))
 
@@ -275,8 +274,10 @@ class SpatialPriorModule(nn.Module):
         s8 = self.conv2(s4)
         s16 = self.conv3(s8)
         s32 = self.conv4(s16)
-        tokens = [fc(s).flatten(2).transpose(1, 2) for fc, s in ((self.fc2, s8), (self.fc3, s16), (self.fc4, s32))]
-        return (self.fc1(s4), *tokens)
+        t8 = self.fc2(s8).flatten(2).transpose(1, 2)
+        t16 = self.fc3(s16).flatten(2).transpose(1, 2)
+        t32 = self.fc4(s32).flatten(2).transpose(1, 2)
+        return self.fc1(s4), t8, t16, t32
 
 
 class DWConv(nn.Module):
@@ -286,10 +287,13 @@ class DWConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
-    def forward(self, x: torch.Tensor, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shapes: List[Tuple[int, int]]) -> torch.Tensor:
         B, _, C = x.shape
         levels = x.split([h * w for h, w in shapes], dim=1)
-        out = [self.dwconv(t.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2) for t, (h, w) in zip(levels, shapes)]
+        out: List[torch.Tensor] = []
+        for i, t in enumerate(levels):
+            h, w = shapes[i]
+            out.append(self.dwconv(t.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2))
         return torch.cat(out, dim=1)
 
 
@@ -303,7 +307,7 @@ class ConvFFN(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shapes: List[Tuple[int, int]]) -> torch.Tensor:
         return self.fc2(self.act(self.dwconv(self.fc1(x), shapes)))
 
 
@@ -353,18 +357,13 @@ class Extractor(nn.Module):
         return c + self.drop_path(self.ffn(self.ffn_norm(c), geometry.query_shapes))
 
 
-def _maybe_checkpoint(enabled: bool, fn: nn.Module, *args: Any) -> Any:
-    if enabled and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
 class InteractionBlock(nn.Module):
     """One adapter stage: inject SPM features into the VRWKV tokens, run this stage's VRWKV blocks, extract
     the updated tokens back into the SPM features (twice more with ``extra_extractors`` in the last stage).
 
     The VRWKV blocks are owned by the backbone (``VisionRWKVAdapter.blocks``, so that checkpoint keys stay
-    ``blocks.N``) and passed to ``forward``."""
+    ``blocks.N``): the backbone calls ``inject``, runs the stage's blocks, then calls ``extract``. ``forward``
+    does the three for a given list of blocks (eager mode only: TorchScript passes no module lists)."""
 
     def __init__(
         self,
@@ -384,6 +383,27 @@ class InteractionBlock(nn.Module):
             nn.ModuleList(Extractor(dim, num_heads, n_points, 1, deform_ratio, cffn_ratio, drop_path) for _ in range(2)) if extra_extractor else None
         )
 
+    def inject(self, x: torch.Tensor, c: torch.Tensor, geometry: DeformInputs, grad_checkpointing: bool = False) -> torch.Tensor:
+        """VRWKV tokens ``x`` <- SPM tokens ``c`` (the ``Injector``)."""
+        if grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.injector, x, c, geometry, use_reentrant=False)
+        return self.injector(x, c, geometry)
+
+    def extract(self, c: torch.Tensor, x: torch.Tensor, geometry: DeformInputs, grad_checkpointing: bool = False) -> torch.Tensor:
+        """SPM tokens ``c`` <- VRWKV tokens ``x`` (the ``Extractor``, then the extra ones of the last stage)."""
+        if grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            c = torch.utils.checkpoint.checkpoint(self.extractor, c, x, geometry, use_reentrant=False)
+        else:
+            c = self.extractor(c, x, geometry)
+        if self.extra_extractors is not None:
+            for extractor in self.extra_extractors:
+                if grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                    c = torch.utils.checkpoint.checkpoint(extractor, c, x, geometry, use_reentrant=False)
+                else:
+                    c = extractor(c, x, geometry)
+        return c
+
+    @torch.jit.unused
     def forward(
         self,
         x: torch.Tensor,
@@ -405,13 +425,13 @@ class InteractionBlock(nn.Module):
         Returns:
             Updated ``(x, c)``.
         """
-        x = _maybe_checkpoint(grad_checkpointing, self.injector, x, c, inject)
+        x = self.inject(x, c, inject, grad_checkpointing)
         for blk in blocks:
-            x = _maybe_checkpoint(grad_checkpointing, blk, x, hw)
-        extractors = [self.extractor, *(self.extra_extractors or [])]
-        for extractor in extractors:
-            c = _maybe_checkpoint(grad_checkpointing, extractor, c, x, extract)
-        return x, c
+            if grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
+        return x, self.extract(c, x, extract, grad_checkpointing)
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -505,6 +525,8 @@ class VisionRWKVAdapter(VisionRWKV):
         )
         self.in_chans = in_chans
         self.interaction_indexes = groups
+        self._stage_first: List[int] = [g[0] for g in groups]  # as lists for TorchScript
+        self._stage_last: List[int] = [g[1] for g in groups]
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         self.spm = SpatialPriorModule(in_chans, conv_inplane, embed_dim)
         n_stages = len(self.interaction_indexes)
@@ -606,14 +628,15 @@ class VisionRWKVAdapter(VisionRWKV):
     # --- forward --------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
-            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected an image batch (B, C, H, W), got shape {shape_str(x)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        H, W = x.shape[-2:]
-        if H % _STRIDE or W % _STRIDE or H == 0 or W == 0:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {shape_str(x)})")
+        H, W = x.shape[-2], x.shape[-1]
+        stride = 32  # _STRIDE, as a local: TorchScript reads no module globals
+        if H % stride or W % stride or H == 0 or W == 0:
             raise ValueError(
-                f"VisionRWKVAdapter needs image height and width that are positive multiples of {_STRIDE} "
-                f"(its coarsest feature map has stride {_STRIDE}), got shape {tuple(x.shape)}; pad or resize the input"
+                f"VisionRWKVAdapter needs image height and width that are positive multiples of {stride} "
+                f"(its coarsest feature map has stride {stride}), got shape {shape_str(x)}; pad or resize the input"
             )
 
     def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -621,26 +644,33 @@ class VisionRWKVAdapter(VisionRWKV):
         self._check_input(x)
         inject, extract = deform_inputs(x)
         c1, c2, c3, c4 = self.spm(x)
+        n2, n3, n4 = c2.shape[1], c3.shape[1], c4.shape[1]
         c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], dim=1)
-        tokens, (h, w) = self._embed(x)
+        tokens, (h, w) = self.embed(x)
         B, _, C = tokens.shape
 
-        def to_map(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-            return t.transpose(1, 2).reshape(B, C, *size)
-
-        stage_maps = []
-        for stage, (first, last) in zip(self.interactions, self.interaction_indexes):
-            tokens, c = stage(tokens, c, self.blocks[first : last + 1], inject, extract, (h, w), self.grad_checkpointing)
-            stage_maps.append(to_map(tokens, (h, w)))
-        c2, c3, c4 = c.split([c2.shape[1], c3.shape[1], c4.shape[1]], dim=1)
-        c2, c3, c4 = to_map(c2, (2 * h, 2 * w)), to_map(c3, (h, w)), to_map(c4, (h // 2, w // 2))
+        stage_maps: List[torch.Tensor] = []  # the VRWKV tokens after each stage, as (B, C, h, w) maps
+        for s, stage in enumerate(self.interactions):
+            first, last = self._stage_first[s], self._stage_last[s]
+            tokens = stage.inject(tokens, c, inject, self.grad_checkpointing)
+            for i, blk in enumerate(self.blocks):  # this stage's blocks (a ModuleList is iterated whole)
+                if first <= i <= last:
+                    if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                        tokens = torch.utils.checkpoint.checkpoint(blk, tokens, (h, w), use_reentrant=False)
+                    else:
+                        tokens = blk(tokens, (h, w))
+            c = stage.extract(c, tokens, extract, self.grad_checkpointing)
+            stage_maps.append(tokens.transpose(1, 2).reshape(B, C, h, w))
+        levels = c.split([n2, n3, n4], dim=1)
+        c2 = levels[0].transpose(1, 2).reshape(B, C, 2 * h, 2 * w)
+        c3 = levels[1].transpose(1, 2).reshape(B, C, h, w)
+        c4 = levels[2].transpose(1, 2).reshape(B, C, h // 2, w // 2)
         c1 = self.up(c2) + c1
         # add the VRWKV stage outputs (all at stride 16) to the pyramid, resized to each level's stride
-        x1, x2, x3, x4 = stage_maps
-        c1 = c1 + F.interpolate(x1, scale_factor=4, mode="bilinear", align_corners=False)
-        c2 = c2 + F.interpolate(x2, scale_factor=2, mode="bilinear", align_corners=False)
-        c3 = c3 + x3
-        c4 = c4 + F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
+        c1 = c1 + F.interpolate(stage_maps[0], scale_factor=4.0, mode="bilinear", align_corners=False)
+        c2 = c2 + F.interpolate(stage_maps[1], scale_factor=2.0, mode="bilinear", align_corners=False)
+        c3 = c3 + stage_maps[2]
+        c4 = c4 + F.interpolate(stage_maps[3], scale_factor=0.5, mode="bilinear", align_corners=False)
         return [self.norm1(c1), self.norm2(c2), self.norm3(c3), self.norm4(c4)]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:

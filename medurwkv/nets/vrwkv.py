@@ -15,7 +15,7 @@ handling): ``timm.create_model('vrwkv_tiny', pretrained=True, pretrained_cfg_ove
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,18 +24,23 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 
-from ..checkpoint import CheckpointError, load_weights, unwrap_state_dict
+from ..checkpoint import CheckpointError, load_state_dict_strict, load_weights, model_name, unwrap_state_dict
 from ..ops import bi_wkv
 
 __all__ = ["VisionRWKV", "Block", "SpatialMix", "ChannelMix", "q_shift", "checkpoint_filter_fn", "VRWKV_VARIANTS"]
 
-# Hyper-parameters of the official models (classification configs; paper-and-vrwkv.md §2.1).
+# Hyper-parameters of the official models (the ImageNet classification configs of OpenGVLab/Vision-RWKV).
 VRWKV_VARIANTS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, post_norm=False, init_values=None, key_norm=False),
     "small": dict(embed_dim=384, depth=12, post_norm=True, init_values=1.0, key_norm=False),
     "base": dict(embed_dim=768, depth=12, post_norm=True, init_values=1e-5, key_norm=False),
     "large": dict(embed_dim=1024, depth=24, post_norm=True, init_values=1e-5, key_norm=True, img_size=192, head_hidden_size=3072),
 }
+
+
+def shape_str(x: torch.Tensor) -> str:
+    """``x``'s shape as ``(1, 3, 64, 64)``, for error messages (``tuple(x.shape)`` does not compile in TorchScript)."""
+    return "(" + ", ".join([str(d) for d in x.shape]) + ")"
 
 
 def q_shift(x: torch.Tensor, hw: Tuple[int, int], shift_pixel: int = 1, gamma: float = 0.25) -> torch.Tensor:
@@ -64,11 +69,20 @@ def q_shift(x: torch.Tensor, hw: Tuple[int, int], shift_pixel: int = 1, gamma: f
     return out.reshape(B, T, C)
 
 
-def token_mix(x: torch.Tensor, xx: torch.Tensor, *mixes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """``x * m + xx * (1 - m)`` for each mix ratio ``m``, as ``xx + (x - xx) * m``: one shared subtraction and
-    one fused ``addcmul`` per ratio instead of four element-wise passes each."""
+def token_mix(x: torch.Tensor, xx: torch.Tensor, mixes: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``x * m + xx * (1 - m)`` for each mix ratio ``m`` in ``mixes``, as ``xx + (x - xx) * m``: one shared
+    subtraction and one fused ``addcmul`` per ratio instead of four element-wise passes each. (A list, not
+    ``*mixes``: TorchScript compiles no variable argument lists.)"""
     d = x - xx
-    return tuple(torch.addcmul(xx, d, m) for m in mixes)
+    return [torch.addcmul(xx, d, m) for m in mixes]
+
+
+def _bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``medurwkv.ops.bi_wkv``; under ``torch.jit.script`` its registered operator ``torch.ops.medurwkv.bi_wkv``
+    (TorchScript cannot compile the Python dispatch: imports, environment lookups)."""
+    if torch.jit.is_scripting():
+        return torch.ops.medurwkv.bi_wkv(w, u, k, v, None)
+    return bi_wkv(w, u, k, v)
 
 
 class SpatialMix(nn.Module):
@@ -99,10 +113,11 @@ class SpatialMix(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         T = x.shape[1]
         xx = q_shift(x, hw, self.shift_pixel, self.gamma)
-        xk, xv, xr = token_mix(x, xx, self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
+        mixed = token_mix(x, xx, [self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r])
+        xk, xv, xr = mixed[0], mixed[1], mixed[2]
         k, v, sr = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
         # decay and bonus are divided by the token count, exactly as the official wrapper calls its kernel
-        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        y = _bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         if self.key_norm is not None:
             y = self.key_norm(y)
         return self.output(sr * y)
@@ -127,7 +142,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         xx = q_shift(x, hw, self.shift_pixel, self.gamma)
-        xk, xr = token_mix(x, xx, self.spatial_mix_k, self.spatial_mix_r)
+        mixed = token_mix(x, xx, [self.spatial_mix_k, self.spatial_mix_r])
+        xk, xr = mixed[0], mixed[1]
         k = torch.square(torch.relu(self.key(xk)))
         if self.key_norm is not None:
             k = self.key_norm(k)
@@ -300,11 +316,11 @@ class VisionRWKV(nn.Module):
         return len(mapped)
 
     # --- forward --------------------------------------------------------------------------------------------
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         if x.dim() != 4:
-            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected an image batch (B, C, H, W), got shape {shape_str(x)}")
         if x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(f"expected {self.patch_embed.proj.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(f"expected {self.patch_embed.proj.in_channels} input channels, got {x.shape[1]} (shape {shape_str(x)})")
         x = self.patch_embed(x)  # (B, h, w, C)
         B, h, w, C = x.shape
         pos = resample_abs_pos_embed(
@@ -312,20 +328,23 @@ class VisionRWKV(nn.Module):
         )  # bicubic, align_corners=False, no antialias: as the official resize_pos_embed
         return self.pos_drop(x.reshape(B, h * w, C) + pos), (h, w)
 
-    def _run_blocks(self, x: torch.Tensor, hw: Tuple[int, int], blocks: Sequence[nn.Module]) -> List[torch.Tensor]:
-        outs = []
-        for blk in blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-            outs.append(x)
+    def run_blocks(self, x: torch.Tensor, hw: Tuple[int, int], n: int = -1) -> List[torch.Tensor]:
+        """Outputs of the first ``n`` blocks (all if ``n < 0``) on embedded tokens ``x`` laid out on ``hw``.
+        (A count, not a slice of ``blocks``: TorchScript iterates a ModuleList only as a whole.)"""
+        outs: List[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if n < 0 or i < n:
+                if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
+                    x = torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
+                else:
+                    x = blk(x, hw)
+                outs.append(x)
         return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, h*w, C)."""
-        x, hw = self._embed(x)
-        x = self._run_blocks(x, hw, self.blocks)[-1]
+        x, hw = self.embed(x)
+        x = self.run_blocks(x, hw)[-1]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -359,9 +378,8 @@ class VisionRWKV(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        x, hw = self._embed(x)
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        outs = self._run_blocks(x, hw, blocks)
+        x, hw = self.embed(x)
+        outs = self.run_blocks(x, hw, max_index + 1 if stop_early else -1)
         inter = [self.norm(outs[i]) if norm else outs[i] for i in take]
         if output_fmt == "NCHW":
             B, _, C = x.shape
@@ -410,11 +428,6 @@ def remap_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return out
 
 
-def _describe(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
 def check_embed_dim(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
     """Refuse, with a readable message, a checkpoint that is not a VRWKV of the model's width and depth."""
     if "patch_embed.proj.weight" not in state_dict or not any(k.startswith("blocks.") for k in state_dict):
@@ -428,7 +441,7 @@ def check_embed_dim(state_dict: Dict[str, torch.Tensor], model: nn.Module, sourc
         found = next((n for n, v in VRWKV_VARIANTS.items() if (v["embed_dim"], v["depth"]) == (width, depth)), "unknown")
         raise CheckpointError(
             f"{source}: checkpoint is a VRWKV with embed_dim={width}, depth={depth} (variant {found}); "
-            f"the model {_describe(model)} has embed_dim={want_w}, depth={want_d}"
+            f"the model {model_name(model)} has embed_dim={want_w}, depth={want_d}"
         )
 
 
@@ -468,21 +481,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "VisionRWKV
 
 
 VisionRWKV.checkpoint_filter = staticmethod(checkpoint_filter_fn)
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` with a short message listing what is missing or unexpected."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:4])})")
-        raise CheckpointError(f"{source}: weights do not fit {_describe(model)}: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
 
 
 # --- registry ---------------------------------------------------------------------------------------------------
