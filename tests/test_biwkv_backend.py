@@ -30,9 +30,8 @@ def make_inputs(seed: int = 0, dtype=torch.float32):
 
 
 def torch_grads(inputs, gy):
-    with torch.enable_grad():  # also when called inside a backward
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        return torch.autograd.grad(bi_wkv_torch(*leaves), leaves, gy)
+    # torch.func: also inside a backward and inside the compiled backward's custom op
+    return torch.func.vjp(bi_wkv_torch, *(t.detach() for t in inputs))[1](gy)
 
 
 class FakeKernels:
@@ -258,3 +257,21 @@ def test_mixed_dtypes_reach_the_kernels_as_float32(guard, monkeypatch):
 def test_describe_strips_paths():
     exc = OSError("[Errno 30] Read-only file system: '/home/alice/.triton/cache/x/y.json'\nmore")
     assert dispatch._describe(exc) == "OSError: [Errno 30] Read-only file system: '<path>'"
+
+
+def test_compiled_training_step_runs_the_guarded_kernels(guard, monkeypatch, caplog):
+    # torch.compile's backward of medurwkv::bi_wkv recomputes through torch.func: the Triton route (here the
+    # stand-in kernels) must work there too, with the guard's backward check
+    fake = install(monkeypatch, FakeKernels(fwd_delta=1e-6))
+    inputs = make_inputs()
+    gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: bi_wkv(*a) * 2, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y = compiled(*leaves)
+    torch.autograd.backward(y, gy)
+    assert torch.equal(y, (bi_wkv_torch(*inputs) + 1e-6) * 2)
+    for got, ref in zip(leaves, torch_grads(inputs, 2 * gy)):
+        torch.testing.assert_close(got.grad, ref, rtol=1e-6, atol=1e-6)
+    assert fake.fwd_calls == 2 and fake.bwd_calls == 1  # forward, and the backward's recomputation
+    assert len(dispatch._GUARD.backward_ok) == 1 and not warnings_of(caplog)

@@ -84,11 +84,9 @@ def _(w, u, k, v, backend):
 def _bi_wkv_backward_op(
     w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gy: torch.Tensor, backend: Optional[str]
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (w, u, k, v)]
-        y = bi_wkv_eager(*leaves, backend)
-        grads = torch.autograd.grad(y, leaves, gy.to(y.dtype), allow_unused=True)  # T == 0 uses only v
-    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves))
+    # a custom op's body runs below autograd, so the gradient comes from torch.func (which records its own)
+    y, vjp = torch.func.vjp(lambda *a: bi_wkv_eager(*a, backend), w, u, k, v)
+    return tuple(g.contiguous() for g in vjp(gy.to(y.dtype)))
 
 
 @_bi_wkv_backward_op.register_fake

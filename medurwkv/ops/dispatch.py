@@ -143,12 +143,11 @@ def _check_forward(w, u, k, v, y) -> Optional[str]:
     return None
 
 
-def _torch_grads(inputs, gy):
-    """Gradients of the PyTorch path for the kernels' inputs (the fallback of a failed backward)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        y = bi_wkv_torch(*leaves)
-        return torch.autograd.grad(y, leaves, gy.to(y.dtype))
+def _vjp_torch(inputs, gy):
+    """Gradients of the PyTorch path. ``torch.func`` rather than ``autograd.grad``: this runs inside a
+    backward, and inside the compiled backward's custom op, where autograd records nothing."""
+    y, vjp = torch.func.vjp(bi_wkv_torch, *(t.detach() for t in inputs))
+    return vjp(gy.to(y.dtype))
 
 
 def _check_backward(inputs, gy, grads) -> Optional[str]:
@@ -158,9 +157,8 @@ def _check_backward(inputs, gy, grads) -> Optional[str]:
     rows, cols = _probe(B, T, C, whole_batch=True)
     whole = len(rows) == B
     rows, cols = rows.to(k.device), cols.to(k.device)
-    with torch.enable_grad():
-        leaves = [t.detach().double().requires_grad_() for t in (w[cols], u[cols], k[rows][:, :, cols], v[rows][:, :, cols])]
-        ref = torch.autograd.grad(bi_wkv_torch(*leaves), leaves, gy[rows][:, :, cols].double())
+    sub = [t.double() for t in (w[cols], u[cols], k[rows][:, :, cols], v[rows][:, :, cols])]
+    ref = _vjp_torch(sub, gy[rows][:, :, cols].double())
     dw, du, dk, dv = grads
     got = {"dk": (dk[rows][:, :, cols], ref[2]), "dv": (dv[rows][:, :, cols], ref[3])}
     if whole:  # dw, du sum over the batch: comparable only when the probe holds every batch element
@@ -184,13 +182,13 @@ def _backward_hook(key, backend: str):
     def hook(inputs, gy, grads, error):
         if error is not None:
             _fail(backend, f"the first backward failed: {_describe(error)}", error)
-            return _torch_grads(inputs, gy)
+            return _vjp_torch(inputs, gy)
         if key in _GUARD.backward_ok:
             return grads
         cause = _check_backward(inputs, gy, grads)
         if cause is not None:
             _fail(backend, cause)
-            return _torch_grads(inputs, gy)
+            return _vjp_torch(inputs, gy)
         _GUARD.backward_ok.add(key)
         return grads
 

@@ -701,25 +701,36 @@ BackwardHook = Callable[..., tuple]
 
 
 class _BiWKVTriton(torch.autograd.Function):
+    """Forward and backward kernels. ``forward`` returns ``(y, y32, lse, summ)`` (the last three for the
+    backward, not differentiable; ``y32`` is None when ``y`` is float32, ``summ`` without a T-split). The
+    ``setup_context`` form lets ``torch.func`` transforms (the compiled backward in ``medurwkv.ops``) run it."""
+
     @staticmethod
-    def forward(ctx, w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cfg: LaunchConfig, hook: Optional[BackwardHook] = None) -> torch.Tensor:
+    def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cfg: LaunchConfig, hook: Optional[BackwardHook] = None):
         w32 = w.detach().to(torch.float32).contiguous()
         u32 = u.detach().to(torch.float32).contiguous()
-        k = k.contiguous()
-        v = v.contiguous()
-        y, y32, lse, summ = _forward(w32, u32, k, v, cfg, save=True)
+        y, y32, lse, summ = _forward(w32, u32, k.contiguous(), v.contiguous(), cfg, save=True)
+        return y, (None if y32 is y else y32), lse, summ
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        w, u, k, v, cfg, hook = inputs
+        y, y32, lse, summ = output
+        extra = [t for t in (y32, lse, summ) if t is not None]
+        ctx.mark_non_differentiable(*extra)
         ctx.cfg = cfg
         ctx.hook = hook
-        ctx.wu_dtypes = (w.dtype, u.dtype)
         ctx.has_summ = summ is not None
-        ctx.save_for_backward(w32, u32, k, v, y32, lse, *([summ] if summ is not None else []))
-        return y
+        ctx.save_for_backward(w, u, k, v, y if y32 is None else y32, lse, *([summ] if summ is not None else []))
 
     @staticmethod
     @once_differentiable  # the backward is a kernel, not torch ops: no double backward
-    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        w32, u32, k, v, y32, lse, *rest = ctx.saved_tensors
+    def backward(ctx, gy: torch.Tensor, *_unused):  # type: ignore[override]
+        w, u, k, v, y32, lse, *rest = ctx.saved_tensors
+        w32 = w.to(torch.float32).contiguous()
+        u32 = u.to(torch.float32).contiguous()
+        k, v = k.contiguous(), v.contiguous()
         fsumm = rest[0] if ctx.has_summ else None
         device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
         with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
@@ -734,8 +745,8 @@ class _BiWKVTriton(torch.autograd.Function):
                 dw, du, dk, dv = ctx.hook((w32, u32, k, v), gy, grads, error)
         need = ctx.needs_input_grad
         return (
-            dw.to(ctx.wu_dtypes[0]) if need[0] else None,
-            du.to(ctx.wu_dtypes[1]) if need[1] else None,
+            dw.to(w.dtype) if need[0] else None,
+            du.to(u.dtype) if need[1] else None,
             dk if need[2] else None,
             dv if need[3] else None,
             None,
@@ -791,7 +802,7 @@ def bi_wkv_triton(
     device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
     with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
-            y = _BiWKVTriton.apply(w, u, k, v, cfg, backward_hook)
+            y = _BiWKVTriton.apply(w, u, k, v, cfg, backward_hook)[0]
         else:
             w32 = w.to(torch.float32).contiguous()
             u32 = u.to(torch.float32).contiguous()
