@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-call GPU check of Med-URWKV's Bi-WKV kernels and models on a bare H100/H200 (its own torch and Triton,
-# no internet). Finishes in under 5 minutes (each step has its own limit; the limits add up to 285 s) and
+# no internet). Finishes in under 5 minutes (each step has its own limit; the limits add up to 290 s) and
 # writes 7 files to $OUT (default: benchmarks/results beside this script):
 #   gpu_check.log              versions, each step's command, exit code and duration, the summary
 #   tests_gpu.txt              GPU tests of the kernels (tiny shapes, (1, 65536, 64), strided, bf16/fp16,
@@ -23,7 +23,7 @@ export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 : >"$LOG"
 
 if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/medurwkv-site \
+    timeout 15 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/medurwkv-site \
         "$ROOT"/.whl/*.whl >>"$LOG" 2>&1 || echo "wheel install failed (see above)" >>"$LOG"
     export PYTHONPATH="/tmp/medurwkv-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -32,8 +32,8 @@ cd "$ROOT"
 
 {
     echo "date: $(date -Is)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-    $PY - <<'EOF'
+    timeout 5 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    timeout 15 $PY - <<'EOF'
 import importlib, sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
@@ -61,20 +61,20 @@ NPROC=$(nproc 2>/dev/null || echo 4)
 XDIST=() XDIST_GPU=()
 if $PY -c "import xdist" 2>/dev/null; then  # pytest-xdist: compile in parallel
     XDIST=(-n "$((NPROC < 16 ? NPROC : 16))")
-    XDIST_GPU=(-n 4 --dist loadfile)
+    XDIST_GPU=(-n 4)
 fi
 PYTEST=($PY -m pytest -q -p no:cacheprovider -o addopts= -rfEs)
 
-MEDURWKV_TEST_ALL_LAUNCH_CONFIGS=1 step launch-configs 50 "$OUT/tests_launch_configs.txt" \
+step launch-configs 45 "$OUT/tests_launch_configs.txt" env MEDURWKV_TEST_ALL_LAUNCH_CONFIGS=1 \
     "${PYTEST[@]}" "${XDIST[@]}" tests/test_triton_launch_configs.py
 # -k keeps the GPU tests of test_triton_biwkv.py (its CPU interpreter checks run in the CPU suite) and all of
 # the guard and compile tests, except the slow compiled-model test (CPU; the CPU suite runs it)
-step gpu-tests 85 "$OUT/tests_gpu.txt" "${PYTEST[@]}" "${XDIST_GPU[@]}" \
+step gpu-tests 80 "$OUT/tests_gpu.txt" "${PYTEST[@]}" "${XDIST_GPU[@]}" \
     tests/test_triton_biwkv.py tests/test_biwkv_backend.py tests/test_biwkv_compile.py \
     -k "gpu or tensors or heuristics or test_biwkv_backend or (test_biwkv_compile and not med_urwkv)"
-step bench-biwkv 40 "$OUT/bench_biwkv_stdout.txt" $PY benchmarks/bench_biwkv.py --device cuda --rep-ms 100 \
+step bench-biwkv 35 "$OUT/bench_biwkv_stdout.txt" $PY benchmarks/bench_biwkv.py --device cuda --rep-ms 100 \
     --variants torch,triton,triton_nosplit --sizes 16,196,192 8,1024,768 2,13824,96 1,65536,64 --out "$OUT"
-step bench-models 100 "$OUT/bench_models_stdout.txt" $PY benchmarks/bench_models.py --device cuda --reps 10 \
+step bench-models 95 "$OUT/bench_models_stdout.txt" $PY benchmarks/bench_models.py --device cuda --reps 10 \
     --models "Med-URWKV-T (adapter)" "Med-URWKV-T (plain)" "SwinUNETR (feature 48)" UNETR \
     --settings infer224x32 infer1024x2 train224x32 train1024x2 --out "$OUT"
 

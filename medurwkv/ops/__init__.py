@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .biwkv import bi_wkv_reference, bi_wkv_torch
-from .dispatch import BACKEND_ENV, BACKENDS, BiWKVBackendError, bi_wkv_eager, resolve_backend, triton_available
+from .dispatch import BACKEND_ENV, BACKENDS, BiWKVBackendError, bi_wkv_eager, bi_wkv_vjp, resolve_backend, triton_available
 
 __all__ = [
     "bi_wkv",
@@ -60,8 +60,8 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 
 # ------------------------------------------------------------------------------------------------------------
 # torch.compile: a custom op with a fake implementation and autograd. Its backward is a second custom op that
-# recomputes the forward with autograd (the compiled graph only keeps the inputs), through the same guarded
-# implementations as eager mode.
+# recomputes what the backward needs from the inputs (the compiled graph keeps only those), by the same
+# implementation and the same guard as eager mode.
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -84,9 +84,9 @@ def _(w, u, k, v, backend):
 def _bi_wkv_backward_op(
     w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gy: torch.Tensor, backend: Optional[str]
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # a custom op's body runs below autograd, so the gradient comes from torch.func (which records its own)
-    y, vjp = torch.func.vjp(lambda *a: bi_wkv_eager(*a, backend), w, u, k, v)
-    return tuple(g.contiguous() for g in vjp(gy.to(y.dtype)))
+    dw, du, dk, dv = bi_wkv_vjp(w, u, k, v, gy, backend)
+    # custom-op outputs must not share memory: the kernels' dw and du are two rows of one (C-sized) buffer
+    return dw.clone(), du.clone(), dk.contiguous(), dv.contiguous()
 
 
 @_bi_wkv_backward_op.register_fake

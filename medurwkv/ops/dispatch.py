@@ -33,7 +33,7 @@ import torch
 
 from .biwkv import _check_shapes, bi_wkv_torch
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "BiWKVBackendError", "resolve_backend", "triton_available", "bi_wkv_eager"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "BiWKVBackendError", "resolve_backend", "triton_available", "bi_wkv_eager", "bi_wkv_vjp"]
 
 BACKEND_ENV = "MEDURWKV_BIWKV_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -200,12 +200,12 @@ def _backward_hook(key, backend: str):
     return hook
 
 
-def _run_triton(w, u, k, v, backend: str) -> Optional[torch.Tensor]:
-    """The guarded kernels' result, or None where the PyTorch path must compute it."""
+def _triton_key(w, u, k, v, backend: str):
+    """(key, launch config) of the kernels for these inputs, or None where the PyTorch path must run
+    (limits; ``triton`` raises there)."""
     from . import triton_biwkv as tb
 
     B, T, C = k.shape
-    kdt = k.dtype if v.dtype == k.dtype else torch.float32  # the dtype the kernels read
     cfg = tb.launch_config(B, T, C, k.device)
     limit = tb.kernel_limit(B, T, C, cfg)
     if limit is not None:
@@ -213,7 +213,17 @@ def _run_triton(w, u, k, v, backend: str) -> Optional[torch.Tensor]:
             raise ValueError(f"bi_wkv: the Triton kernels cannot run (B, T, C) = {(B, T, C)}: {limit}; "
                              f"use {BACKEND_ENV}=auto or torch")
         return None
-    key = (str(k.device), kdt, cfg.split)
+    kdt = k.dtype if v.dtype == k.dtype else torch.float32  # the dtype the kernels read
+    return (str(k.device), kdt, cfg.split)
+
+
+def _run_triton(w, u, k, v, backend: str) -> Optional[torch.Tensor]:
+    """The guarded kernels' result, or None where the PyTorch path must compute it."""
+    from . import triton_biwkv as tb
+
+    key = _triton_key(w, u, k, v, backend)
+    if key is None:
+        return None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v))
     hook = _backward_hook(key, backend) if grad and key not in _GUARD.backward_ok else None
     if key in _GUARD.forward_ok:
@@ -231,11 +241,10 @@ def _run_triton(w, u, k, v, backend: str) -> Optional[torch.Tensor]:
     return y
 
 
-def bi_wkv_eager(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    """``bi_wkv`` outside ``torch.compile``: picks the implementation (see the module docstring)."""
-    backend = resolve_backend(backend)
+def _route(w, u, k, v, backend: Optional[str]) -> str:
+    """"torch" or "triton" for these inputs (raises for an impossible forced ``triton``)."""
     if backend == "torch":
-        return bi_wkv_torch(w, u, k, v)
+        return "torch"
     _check_shapes(w, u, k, v)
     f64 = any(t.dtype == torch.float64 for t in (w, u, k, v))  # the PyTorch path computes these in float64
     if backend == "triton":
@@ -247,7 +256,35 @@ def bi_wkv_eager(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
         if not (k.device.type == "cuda" or tb.interpreted()):
             raise ValueError(f"{BACKEND_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), got {k.device}")
-    elif f64 or not _triton_device(k.device) or _GUARD.disabled is not None or not triton_available():
+        return "triton"
+    if f64 or not _triton_device(k.device) or _GUARD.disabled is not None or not triton_available():
+        return "torch"
+    return "triton"
+
+
+def bi_wkv_vjp(w, u, k, v, gy, backend: Optional[str] = None):
+    """``(dw, du, dk, dv)`` of ``bi_wkv`` for the output gradient ``gy``, by the implementation the forward
+    would use (the kernels' first backward is checked as in eager mode). Used by the compiled backward."""
+    backend = resolve_backend(backend)
+    if _route(w, u, k, v, backend) == "triton":
+        from . import triton_biwkv as tb
+
+        key = _triton_key(w, u, k, v, backend)
+        if key is not None:
+            hook = _backward_hook(key, backend) if key not in _GUARD.backward_ok else None
+            try:
+                return tb.bi_wkv_triton_vjp(w, u, k, v, gy, backward_hook=hook)
+            except BiWKVBackendError:
+                raise
+            except Exception as exc:  # the forward kernel of the recomputation failed
+                _fail(backend, f"the first launch failed: {_describe(exc)}", exc)
+    return _vjp_torch((w, u, k, v), gy)
+
+
+def bi_wkv_eager(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """``bi_wkv`` outside ``torch.compile``: picks the implementation (see the module docstring)."""
+    backend = resolve_backend(backend)
+    if _route(w, u, k, v, backend) == "torch":
         return bi_wkv_torch(w, u, k, v)
     y = _run_triton(w, u, k, v, backend)
     return bi_wkv_torch(w, u, k, v) if y is None else y

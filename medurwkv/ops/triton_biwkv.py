@@ -101,7 +101,7 @@ from torch.autograd.function import once_differentiable
 
 from .biwkv import _check_shapes
 
-__all__ = ["bi_wkv_triton", "LaunchConfig", "launch_config", "kernel_limit", "interpreted"]
+__all__ = ["bi_wkv_triton", "bi_wkv_triton_vjp", "LaunchConfig", "launch_config", "kernel_limit", "interpreted"]
 
 # Finite stand-in for log(0). exp(NEG - x) == 0 for any finite x, and NEG - NEG stays finite, so empty
 # partial sums never produce inf - inf = NaN.
@@ -728,30 +728,58 @@ class _BiWKVTriton(torch.autograd.Function):
     @once_differentiable  # the backward is a kernel, not torch ops: no double backward
     def backward(ctx, gy: torch.Tensor, *_unused):  # type: ignore[override]
         w, u, k, v, y32, lse, *rest = ctx.saved_tensors
+        fsumm = rest[0] if ctx.has_summ else None
+        dw, du, dk, dv = _grads(w, u, k, v, y32, lse, fsumm, gy, ctx.cfg, ctx.hook)
+        need = ctx.needs_input_grad
+        return (dw if need[0] else None, du if need[1] else None, dk if need[2] else None,
+                dv if need[3] else None, None, None)
+
+
+def _grads(w, u, k, v, y32, lse, fsumm, gy, cfg: LaunchConfig, hook: Optional[BackwardHook]):
+    """The backward kernels (through ``hook`` when given); dw, du in w's, u's dtypes."""
+    w32 = w.to(torch.float32).contiguous()
+    u32 = u.to(torch.float32).contiguous()
+    k, v = k.contiguous(), v.contiguous()
+    device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+    with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
+        if hook is None:
+            dw, du, dk, dv = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), cfg)
+        else:
+            grads, error = None, None
+            try:
+                grads = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), cfg)
+            except Exception as exc:  # handed to the guard, which decides to fall back or raise
+                error = exc
+            dw, du, dk, dv = hook((w32, u32, k, v), gy, grads, error)
+    return dw.to(w.dtype), du.to(u.dtype), dk, dv
+
+
+def bi_wkv_triton_vjp(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gy: torch.Tensor,
+    backward_hook: Optional[BackwardHook] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`bi_wkv_triton` for the output gradient ``gy`` without autograd: the forward
+    kernel (storing what the backward needs), then the backward kernels. The compiled backward of
+    ``medurwkv.ops`` uses it (tensors inside ``torch.func`` transforms cannot be handed to kernels)."""
+    _check_shapes(w, u, k, v)
+    B, T, C = k.shape
+    k_dtype, v_dtype = k.dtype, v.dtype
+    if v.dtype != k.dtype:
+        k, v = k.to(torch.float32), v.to(torch.float32)
+    if B * T * C == 0:
+        return torch.zeros_like(w), torch.zeros_like(u), torch.zeros_like(k, dtype=k_dtype), gy.to(v_dtype, copy=True)
+    cfg = launch_config(B, T, C, k.device)
+    limit = kernel_limit(B, T, C, cfg)
+    if limit is not None:
+        raise ValueError(f"bi_wkv: the Triton kernels cannot run (B, T, C) = {(B, T, C)}: {limit}")
+    k, v = k.contiguous(), v.contiguous()
+    device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+    with torch.no_grad(), device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
         w32 = w.to(torch.float32).contiguous()
         u32 = u.to(torch.float32).contiguous()
-        k, v = k.contiguous(), v.contiguous()
-        fsumm = rest[0] if ctx.has_summ else None
-        device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
-        with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
-            if ctx.hook is None:
-                dw, du, dk, dv = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), ctx.cfg)
-            else:
-                grads, error = None, None
-                try:
-                    grads = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), ctx.cfg)
-                except Exception as exc:  # handed to the guard, which decides to fall back or raise
-                    error = exc
-                dw, du, dk, dv = ctx.hook((w32, u32, k, v), gy, grads, error)
-        need = ctx.needs_input_grad
-        return (
-            dw.to(w.dtype) if need[0] else None,
-            du.to(u.dtype) if need[1] else None,
-            dk if need[2] else None,
-            dv if need[3] else None,
-            None,
-            None,
-        )
+        y, y32, lse, summ = _forward(w32, u32, k, v, cfg, save=True)
+        dw, du, dk, dv = _grads(w, u, k, v, y32, lse, summ, gy.to(k.dtype), cfg, backward_hook)
+    return dw, du, dk.to(k_dtype), dv.to(v_dtype)
 
 
 def bi_wkv_triton(
