@@ -2,7 +2,8 @@
 # One-call GPU check of Med-URWKV's Bi-WKV kernels and models on a bare H100/H200 (its own torch and Triton,
 # no internet). Finishes in under 5 minutes (each step has its own limit; the limits add up to 290 s) and
 # writes 7 files to $OUT (default: benchmarks/results beside this script):
-#   gpu_check.log              versions, each step's command, exit code and duration, the summary
+#   gpu_check.log              versions, each step's command, exit code and duration, the summary, and
+#                              the first-launch guard's one-time cost (bench_guard_cost.py)
 #   tests_gpu.txt              GPU tests of the kernels (tiny shapes, (1, 65536, 64), strided, bf16/fp16,
 #                              T-split, determinism, the guard, torch.compile) + the CPU guard/compile tests
 #   tests_launch_configs.txt   every launch configuration the heuristic can pick, compiled for sm_90, spills
@@ -74,12 +75,13 @@ step gpu-tests 80 "$OUT/tests_gpu.txt" "${PYTEST[@]}" "${XDIST_GPU[@]}" \
     -k "gpu or tensors or heuristics or test_biwkv_backend or (test_biwkv_compile and not med_urwkv)"
 step bench-biwkv 35 "$OUT/bench_biwkv_stdout.txt" $PY benchmarks/bench_biwkv.py --device cuda --rep-ms 100 \
     --variants torch,triton,triton_nosplit --sizes 16,196,192 8,1024,768 2,13824,96 1,65536,64 --out "$OUT"
-step bench-models 95 "$OUT/bench_models_stdout.txt" $PY benchmarks/bench_models.py --device cuda --reps 10 \
+step guard-cost 15 "$OUT/guard_cost_stdout.txt" $PY benchmarks/bench_guard_cost.py --device cuda
+step bench-models 80 "$OUT/bench_models_stdout.txt" $PY benchmarks/bench_models.py --device cuda --reps 10 \
     --models "Med-URWKV-T (adapter)" "Med-URWKV-T (plain)" "SwinUNETR (feature 48)" UNETR \
     --settings infer224x32 infer1024x2 train224x32 train1024x2 --out "$OUT"
 
-# the benchmarks' stdout only matters when they failed: keep its tail in the log, not as extra files
-for f in bench_biwkv_stdout bench_models_stdout; do
+# the benchmarks' stdout (the guard-cost table is nothing else) goes into the log, not into extra files
+for f in bench_biwkv_stdout guard_cost_stdout bench_models_stdout; do
     echo "--- tail of $f" >>"$LOG"
     tail -n 15 "$OUT/$f.txt" >>"$LOG"
     rm -f "$OUT/$f.txt"
