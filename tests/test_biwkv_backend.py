@@ -190,6 +190,15 @@ def test_forced_triton_needs_cuda_or_interpreter(monkeypatch):
         bi_wkv(*make_inputs(), backend="triton")
 
 
+def test_cuda_run_without_triton_warns_once(guard, monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    w, u, k, v = make_inputs()
+    for _ in range(2):
+        assert torch.equal(bi_wkv(w, u, k, v), bi_wkv_torch(w, u, k, v))
+    (msg,) = warnings_of(caplog)
+    assert "Triton cannot be imported" in msg
+
+
 def test_forced_torch_never_touches_triton(guard, monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("Triton was touched")

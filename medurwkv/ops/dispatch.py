@@ -17,7 +17,8 @@ Backends (argument ``backend`` of :func:`medurwkv.ops.bi_wkv`, else the environm
   ``TRITON_INTERPRET=1``.
 
 The check costs one float64 PyTorch evaluation of the probe per process and key (and one float64 backward
-on the first backward); after that the guarded path is a set lookup per call.
+on the first backward); after that the guarded path is a set lookup per call. Under ``torch.compile`` the
+backward is :func:`bi_wkv_vjp`, which takes the same routes with the same checks.
 """
 
 from __future__ import annotations
@@ -257,7 +258,10 @@ def _route(w, u, k, v, backend: Optional[str]) -> str:
         if not (k.device.type == "cuda" or tb.interpreted()):
             raise ValueError(f"{BACKEND_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), got {k.device}")
         return "triton"
-    if f64 or not _triton_device(k.device) or _GUARD.disabled is not None or not triton_available():
+    if f64 or not _triton_device(k.device) or _GUARD.disabled is not None:
+        return "torch"
+    if not triton_available():  # a CUDA run without its kernels: say so once, it is only slower
+        _GUARD.disable("Triton cannot be imported")
         return "torch"
     return "triton"
 
