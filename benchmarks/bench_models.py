@@ -1,15 +1,17 @@
 """Med-URWKV against MONAI's 2D segmentation networks, measured in one process on one device.
 
-GPU mode (default when CUDA is present): inference images/s and peak memory with bf16 autocast at
-224/batch 32, 512/batch 8 and 1024/batch 2, and the training-step time (forward, backward, AdamW step) at
-224/batch 32. CPU mode (``--device cpu``): 2 threads, 256x256 slices, batch 1 forward latency (the
-per-slice cost of slice-wise 3D inference) and a batch-4 training step.
+GPU mode (default when CUDA is present): images/s and peak memory with bf16 autocast, inference at
+224/batch 32, 512/batch 8 and 1024/batch 2, and the training step (forward, backward, AdamW step) at
+224/batch 32 and 1024/batch 2 (``--settings`` picks a subset). CPU mode (``--device cpu``): 2 threads,
+256x256 slices, batch 1 forward latency (the per-slice cost of slice-wise 3D inference) and a batch-4
+training step.
 
 Every number is printed with its ratio to each peer measured in the same run, and written as JSON and a
-markdown table (``--out``).
+markdown table into ``--out`` (default ``$OUT``, else ``benchmarks/results`` beside this script). Runs from
+any working directory: the repository root is put on ``sys.path`` from this file's location.
 
-    python benchmarks/bench_models.py --device cpu --out benchmarks/results
-    python benchmarks/bench_models.py --out $OUT            # on a GPU
+    python benchmarks/bench_models.py --device cpu
+    python /path/to/repo/benchmarks/bench_models.py --settings infer224x32 train224x32 --out /tmp/out
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,6 +29,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # import this checkout's medurwkv, whatever the working directory
 
 OURS = ("Med-URWKV-T (adapter)", "Med-URWKV-T (plain)", "Med-URWKV-S (adapter)")
 
@@ -147,12 +154,28 @@ def table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+GPU_SETTINGS = [
+    ("inference bf16, 224x224, batch 32", 224, 32, False),
+    ("inference bf16, 512x512, batch 8", 512, 8, False),
+    ("inference bf16, 1024x1024, batch 2", 1024, 2, False),
+    ("training step bf16, 224x224, batch 32", 224, 32, True),
+    ("training step bf16, 1024x1024, batch 2", 1024, 2, True),
+]
+
+
+def setting_key(size: int, batch: int, train: bool) -> str:
+    return f"{'train' if train else 'infer'}{size}x{batch}"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), metavar="MODEL")
+    ap.add_argument("--settings", nargs="*", default=None,
+                    help="GPU subset, e.g. infer224x32 infer1024x2 train224x32 train1024x2 (default: all)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -162,13 +185,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        settings = [
-            ("inference bf16, 224x224, batch 32", 224, 32, False),
-            ("inference bf16, 512x512, batch 8", 512, 8, False),
-            ("inference bf16, 1024x1024, batch 2", 1024, 2, False),
-            ("training step bf16, 224x224, batch 32", 224, 32, True),
-        ]
+        known = {setting_key(s, b, t): (label, s, b, t) for label, s, b, t in GPU_SETTINGS}
+        wanted = args.settings or list(known)
+        unknown = [k for k in wanted if k not in known]
+        if unknown:
+            ap.error(f"unknown settings {unknown}; choose from {list(known)}")
+        settings = [known[k] for k in wanted]
         amp, warmup, reps = True, 3, args.reps or 20
+    if args.warmup is not None:
+        warmup = args.warmup
     rows = run(device, settings, amp, warmup, reps, args.models)
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -176,10 +201,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    from medurwkv.ops import dispatch
+
+    # which Bi-WKV implementation the Med-URWKV rows ran: the Triton kernels unless the guard switched them off
+    meta["biwkv_backend"] = dispatch.resolve_backend()
+    meta["biwkv_triton_disabled"] = dispatch._GUARD.disabled
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_models_{device.type}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = f"Device: {meta['device']}, {meta['date']}, torch {meta['torch']}\n\n" + table(rows)
+    extra = f", triton {meta['triton']}" if "triton" in meta else ""
+    guard = f"; Bi-WKV backend {meta['biwkv_backend']}" + (f", Triton switched off: {meta['biwkv_triton_disabled']}" if meta["biwkv_triton_disabled"] else "")
+    md = f"Device: {meta['device']}, {meta['date']}, torch {meta['torch']}{extra}{guard}\n\n" + table(rows)
     (out / f"bench_models_{device.type}.md").write_text(md)
     print(md)
 

@@ -150,12 +150,85 @@ def _scan_patch_check() -> float:
     return (fast - slow).abs().max().item()
 
 
+def _mixed_and_strided() -> dict:
+    """Mixed k/v dtypes (computed as the PyTorch path computes them) and non-contiguous inputs."""
+    from medurwkv.ops.triton_biwkv import bi_wkv_triton
+
+    w, u, k, v = make_inputs(2, 23, 5, 20.0, 3.0, seed=11)
+    kb = k.bfloat16()
+    mixed = (bi_wkv_triton(w, u, kb, v, block_t=16).double() - bi_wkv_torch(w, u, kb, v).double()).abs().max().item()
+    kt = k.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, C) view with T-major strides
+    vs = torch.randn(2, 23, 10, generator=torch.Generator().manual_seed(2))[:, :, ::2]  # strided channels
+    strided = bi_wkv_triton(w, u, kt, vs, block_t=16)
+    ref = bi_wkv_reference(w, u, k, vs.contiguous())
+    return {"mixed_dtype_err": mixed, "mixed_dtype": str(bi_wkv_triton(w, u, kb, v).dtype),
+            "strided_err": (strided.double() - ref).abs().max().item(),
+            "strided_ok": not kt.is_contiguous() and not vs.is_contiguous()}
+
+
+def _guard_with_real_kernels() -> dict:
+    """The real (interpreted) kernels through ``bi_wkv``'s first-launch guard, CPU tensors admitted: the
+    guard must accept them (no false alarm) and hand back exactly the kernels' values and gradients."""
+    import logging
+
+    from medurwkv.ops import bi_wkv, dispatch
+    from medurwkv.ops.triton_biwkv import bi_wkv_triton
+
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger(dispatch.__name__).addHandler(handler)
+    dispatch._triton_device = lambda device: True
+    w, u, k, v = make_inputs(2, 40, 36, 30.0, 3.0, seed=12)
+    gy = torch.randn(2, 40, 36, generator=torch.Generator().manual_seed(13))
+    a = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    b = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    ya = bi_wkv(*a, backend="auto")
+    torch.autograd.backward(ya, gy)
+    yb = bi_wkv_triton(*b)
+    torch.autograd.backward(yb, gy)
+    return {
+        "warnings": [r.getMessage() for r in records],
+        "disabled": dispatch._GUARD.disabled,
+        "forward_ok": len(dispatch._GUARD.forward_ok),
+        "backward_ok": len(dispatch._GUARD.backward_ok),
+        "same_values": bool(torch.equal(ya, yb)),
+        "same_grads": all(bool(torch.equal(x.grad, y.grad)) for x, y in zip(a, b)),
+    }
+
+
+def _compiled_with_real_kernels() -> dict:
+    """A compiled (aot_eager) forward and backward through ``bi_wkv`` on the real (interpreted) kernels: the
+    compiled backward must hand plain tensors to the kernels (inside torch.func they are wrappers)."""
+    from medurwkv.ops import bi_wkv, dispatch
+    from medurwkv.ops.triton_biwkv import bi_wkv_triton
+
+    dispatch._triton_device = lambda device: True
+    w, u, k, v = make_inputs(2, 20, 5, 10.0, 2.0, seed=14)
+    gy = torch.randn(2, 20, 5, generator=torch.Generator().manual_seed(15))
+    a = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    b = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    torch._dynamo.reset()
+    ya = torch.compile(lambda *x: bi_wkv(*x, backend="triton") * 2, fullgraph=True, backend="aot_eager")(*a)
+    torch.autograd.backward(ya, gy)
+    yb = bi_wkv_triton(*b) * 2
+    torch.autograd.backward(yb, gy)
+    return {
+        "y_err": (ya - yb).abs().max().item(),
+        "grad_err": max((x.grad - y.grad).abs().max().item() for x, y in zip(a, b)),
+        "disabled": dispatch._GUARD.disabled,
+    }
+
+
 def _interpret_worker() -> None:
     torch.set_num_threads(2)
     vectorised = _vectorise_interpreter_scan()
     out: dict = {"vectorised_scan": vectorised, "cases": {}}
     for name, spec in CASES.items():
         out["cases"][name] = _measure(name, spec)
+    out["mixed_and_strided"] = _mixed_and_strided()
+    out["guard"] = _guard_with_real_kernels()
+    out["compiled"] = _compiled_with_real_kernels()
     if vectorised:
         out["scan_patch_diff"] = _scan_patch_check()
     print(json.dumps(out))
@@ -205,6 +278,31 @@ def test_low_precision_inputs(interp, name):
         assert r["grad_err"][n] <= LOWP_RTOL * max(1.0, r["grad_scale"][n]), f"{name}: d{n}"
 
 
+def test_mixed_dtypes_computed_as_the_torch_path(interp):
+    r = interp["mixed_and_strided"]
+    # k bf16, v float32: v is not rounded to bf16; only the output's bf16 rounding (<= 2^-8 of |y| <= ~4) is left
+    assert r["mixed_dtype"] == "torch.bfloat16"
+    assert r["mixed_dtype_err"] <= 2 ** -8 * 4
+
+
+def test_non_contiguous_inputs(interp):
+    r = interp["mixed_and_strided"]
+    assert r["strided_ok"] and r["strided_err"] <= VALUE_TOL
+
+
+def test_guard_accepts_the_real_kernels(interp):
+    r = interp["guard"]
+    assert r["warnings"] == [] and r["disabled"] is None
+    assert r["forward_ok"] == 1 and r["backward_ok"] == 1
+    assert r["same_values"] and r["same_grads"]
+
+
+def test_compiled_forward_and_backward_on_the_real_kernels(interp):
+    r = interp["compiled"]
+    # the compiled backward recomputes the forward kernel: same kernels, same values
+    assert r["disabled"] is None and r["y_err"] == 0.0 and r["grad_err"] <= 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------------
 # dispatch and launch heuristics (no kernels run)
 # ----------------------------------------------------------------------------------------------------------
@@ -243,39 +341,7 @@ def test_launch_heuristics():
     assert launch_config(1, 1, 1, dev).n_chunks == 1
 
 
-def test_kernels_compile_for_hopper():
-    # The interpreter runs the kernels' Python semantics; this compiles them the way the GPU path does
-    # (Triton -> PTX -> ptxas for sm_90, no GPU needed), which catches what only the compiler rejects.
-    pytest.importorskip("triton")
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:
-        pytest.skip(f"this Triton has no ahead-of-time compile API: {exc}")
-    from medurwkv.ops import triton_biwkv as tb
-
-    if not hasattr(tb._bi_wkv_fwd_kernel, "arg_names"):
-        pytest.skip("kernels were loaded under TRITON_INTERPRET")
-
-    def compile_(kernel, constexprs: dict, bf16: tuple[str, ...] = ()) -> None:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr") or name in ("p0", "p1", "p2"):
-                sig[name] = "*bf16" if name in bf16 else "*fp32"
-            else:
-                sig[name] = "i32"
-        src = ASTSource(kernel, sig, constexprs=constexprs)
-        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert out.asm.get("cubin"), kernel.__name__
-
-    small = {"BLOCK_T": 16, "BLOCK_C": 16}
-    compile_(tb._bi_wkv_fwd_kernel, {**small, "HAS_SPLIT": True, "STORE_Y32": True, "STORE_LSE": True},
-             bf16=("k_ptr", "v_ptr", "y_ptr"))
-    compile_(tb._bi_wkv_bwd_kernel, {**small, "HAS_SPLIT": True})
-    compile_(tb._chunk_summary_kernel, {**small, "BWD": True})
+# compile-only checks of the kernels for sm_90 (every launch configuration): test_triton_launch_configs.py
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,13 +380,109 @@ def test_gpu_values_and_gradients(B, T, C, decay, k_std, kw):
         assert (g.double() - r).abs().max().item() <= GRAD_RTOL * max(1.0, r.abs().max().item()), n
 
 
-@gpu
-def test_gpu_dispatch_runs_triton():
+def _check_against_float64(w, u, k, v, tol, **kw):
+    """Values and all four gradients of the kernels against float64 autograd through the PyTorch path
+    (exact, O(T)), on the inputs as the kernels see them (already rounded to k's dtype)."""
     from medurwkv.ops.triton_biwkv import bi_wkv_triton
 
+    gy = torch.randn(k.shape, device=k.device, generator=torch.Generator(k.device).manual_seed(9))
+    ref_in = [t.detach().double().requires_grad_() for t in (w, u, k, v)]
+    ref = bi_wkv_torch(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, gy.double())
+    tri_in = [t.detach().clone().requires_grad_() for t in (w, u, k, v)]
+    y = bi_wkv_triton(*tri_in, **kw)
+    grads = torch.autograd.grad(y, tri_in, gy.to(y.dtype))
+    assert y.dtype == k.dtype and all(g.dtype == t.dtype for g, t in zip(grads, tri_in))
+    err = (y.double() - ref).abs().max().item()
+    assert err <= tol * max(1.0, ref.abs().max().item()), f"y: {err:.3g}"
+    for n, g, r in zip("wukv", grads, ref_grads):
+        gerr = (g.double() - r).abs().max().item()
+        assert gerr <= max(tol, GRAD_RTOL) * max(1.0, r.abs().max().item()), f"d{n}: {gerr:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("T", [1, 2, 17])
+@pytest.mark.parametrize("C", [1, 3, 16])
+def test_gpu_tiny_shapes(C, T, dtype):
+    w, u, k, v = (t.cuda() for t in make_inputs(2, T, C, 20.0, 3.0, seed=T * 10 + C))
+    dt = getattr(torch, dtype)
+    _check_against_float64(w, u, k.to(dt), v.to(dt), VALUE_TOL if dt == torch.float32 else LOWP_RTOL)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_one_long_row(dtype):
+    # (1, 65536, 64): two programs' worth of channels, the T-split carries the parallelism
+    from medurwkv.ops.triton_biwkv import launch_config
+
+    assert launch_config(1, 65536, 64, torch.device("cuda")).split
+    w, u, k, v = (t.cuda() for t in make_inputs(1, 65536, 64, 30.0, 2.0, seed=21))
+    dt = getattr(torch, dtype)
+    _check_against_float64(w, u, k.to(dt), v.to(dt), VALUE_TOL if dt == torch.float32 else LOWP_RTOL)
+
+
+@gpu
+def test_gpu_non_contiguous_and_mixed_dtypes():
+    from medurwkv.ops.triton_biwkv import bi_wkv_triton
+
+    w, u, k, v = (t.cuda() for t in make_inputs(3, 196, 96, 20.0, 3.0, seed=22))
+    # leaves whose (B, T, C) views are non-contiguous: T-major keys, every other channel of wider values
+    k_tbc = k.transpose(0, 1).contiguous().requires_grad_()
+    v_wide = torch.stack([v, torch.zeros_like(v)], dim=3).flatten(2).requires_grad_()
+    kt, vs = k_tbc.transpose(0, 1), v_wide[:, :, ::2]
+    assert not kt.is_contiguous() and not vs.is_contiguous() and torch.equal(kt, k) and torch.equal(vs, v)
+    gy = torch.randn_like(k)
+    y = bi_wkv_triton(w, u, kt, vs)
+    dk, dv = torch.autograd.grad(y, (k_tbc, v_wide), gy)
+    ref_in = [t.double().requires_grad_() for t in (k, v)]
+    ref = bi_wkv_torch(w.double(), u.double(), *ref_in)
+    rdk, rdv = torch.autograd.grad(ref, ref_in, gy.double())
+    assert (y.double() - ref).abs().max().item() <= VALUE_TOL
+    assert (dk.transpose(0, 1).double() - rdk).abs().max().item() <= GRAD_RTOL * max(1.0, rdk.abs().max().item())
+    assert (dv[:, :, ::2].double() - rdv).abs().max().item() <= GRAD_RTOL * max(1.0, rdv.abs().max().item())
+    assert dv[:, :, 1::2].abs().max().item() == 0.0
+    # bf16 keys with float32 values: computed as the PyTorch path computes them (v not rounded to bf16)
+    y = bi_wkv_triton(w, u, k.bfloat16(), v)
+    ref = bi_wkv_torch(w, u, k.bfloat16(), v)
+    assert y.dtype == torch.bfloat16 and (y.double() - ref.double()).abs().max().item() <= 2 ** -8 * 4
+
+
+@gpu
+def test_gpu_dispatch_runs_triton_behind_the_guard(caplog):
+    import logging
+
+    from medurwkv.ops import dispatch
+    from medurwkv.ops.triton_biwkv import bi_wkv_triton
+
+    dispatch._reset_guard()
+    caplog.set_level(logging.WARNING, logger=dispatch.__name__)
     w, u, k, v = (t.cuda() for t in make_inputs(2, 50, 64, 5.0, 1.0, seed=1))
     assert _use_triton(k.device, k.dtype)
-    assert torch.equal(bi_wkv(w, u, k, v), bi_wkv_triton(w, u, k, v))
+    assert torch.equal(bi_wkv(w, u, k, v, backend="auto"), bi_wkv_triton(w, u, k, v))
+    leaves = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    bi_wkv(*leaves, backend="auto").sum().backward()
+    assert dispatch._GUARD.disabled is None and not [r for r in caplog.records if r.name == dispatch.__name__]
+    assert len(dispatch._GUARD.forward_ok) == 1 and len(dispatch._GUARD.backward_ok) == 1
+
+
+@gpu
+def test_gpu_torch_compile_matches_eager():
+    w, u, k, v = (t.cuda() for t in make_inputs(4, 196, 192, 8.0, 2.0, seed=23))
+
+    def f(w, u, k, v):
+        return bi_wkv(w, u, k, v).square()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    a = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    b = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    ya, yb = compiled(*a), f(*b)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
 
 
 @gpu

@@ -11,13 +11,16 @@ Two exact O(T) evaluations are implemented; :func:`bi_wkv_torch` picks one per c
 * ``_bi_wkv_cumsum`` -- the separable prefix-sum form. ``e^{-(t-1-i)w} = e^{w(1-tau_t)} e^{w tau_i}`` with
   centred positions ``tau``, so both directions are four cumulative sums of the same shape as ``k``. It is
   the fastest form but its factors span ``e^{+-|spatial_decay|/2}`` and the keys are shifted by one global
-  maximum per (b, c), so it is only used when the decay range plus the key spread is small enough for
-  float32 (checked on the data, see ``_cumsum_is_safe``).
+  maximum per (b, c), so it is only used when the decay range plus the key spread is small enough: in
+  float32 when that is safe for float32, else in float64 when it is safe there (checked on the data, see
+  ``_choose_form``).
 * ``_bi_wkv_chunked`` -- range-proof: tokens are grouped in chunks of ``L``; inside a chunk the weights are
   evaluated densely with a per-row maximum, and the chunks exchange (mantissa, log-scale) summaries through
   a dense chunk-to-chunk pass with its own per-row maximum. Every exponent is an exact ``k - d*w`` with
   integer distance ``d`` and the denominator is always >= 1 after scaling, so it neither overflows nor
-  underflows for any decay or key range.
+  underflows for any decay or key range. It is computed in float64: its exponents are rounded values of
+  magnitude ~``|spatial_decay|``, so float32 would cost ~``|spatial_decay| * 6e-8`` relative error (9e-6 at
+  150); float64 keeps it at the final rounding to float32 whatever the decay.
 
 Both are differentiable through autograd (exact algebra, no approximations). Gradients of ``w`` and ``u``
 reach ``spatial_decay`` / ``spatial_first`` through the caller's division by ``T``.
@@ -36,8 +39,11 @@ __all__ = ["bi_wkv_torch", "bi_wkv_reference"]
 # * D + spread <= _CUMSUM_SAFE_TOTAL: every intermediate stays far from float32 over/underflow (e^{+-87});
 # * D <= _CUMSUM_SAFE_DECAY: only keys below e^{-87 + D/2} can underflow, and their share of any output is
 #   below e^{-87 + 2.5 D} <= 1e-10 relative, whatever the key spread.
+# * D + spread <= _CUMSUM64_SAFE_TOTAL: the same margin for float64 (e^{+-708}); beyond it the range-proof
+#   chunked form runs.
 _CUMSUM_SAFE_DECAY = 25.0
 _CUMSUM_SAFE_TOTAL = 60.0
+_CUMSUM64_SAFE_TOTAL = 600.0
 _CHUNK = 32
 _NEG = -1.0e30  # finite stand-in for -inf in maxima (keeps autograd free of inf - inf)
 
@@ -141,13 +147,29 @@ def _bi_wkv_chunked(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.
     return y[:, :T] if pad else y
 
 
-def _cumsum_is_safe(w: torch.Tensor, k: torch.Tensor) -> bool:
+def _decay_and_spread(w: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+    """``D = max|w| (T + 1)`` (~ max|spatial_decay|) and the largest key spread of any (b, c)."""
     with torch.no_grad():
         decay = float(w.abs().amax()) * (k.shape[1] + 1)
-        if decay <= _CUMSUM_SAFE_DECAY:
-            return True
-        spread = float((k.amax(1) - k.amin(1)).amax())
-        return decay + spread <= _CUMSUM_SAFE_TOTAL
+        spread = float((k.amax(1) - k.amin(1)).amax()) if k.numel() else 0.0
+    return decay, spread
+
+
+def _cumsum_is_safe(w: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the float32 cumsum form is exact for these inputs."""
+    decay, spread = _decay_and_spread(w, k)
+    return decay <= _CUMSUM_SAFE_DECAY or decay + spread <= _CUMSUM_SAFE_TOTAL
+
+
+def _choose_form(w: torch.Tensor, k: torch.Tensor, cdt: torch.dtype) -> tuple[str, torch.dtype]:
+    """(form, compute dtype) for ``method="auto"``: the float32 cumsum form when it is safe, else the cumsum
+    form in float64 when that is safe, else the range-proof chunked form (always float64)."""
+    decay, spread = _decay_and_spread(w, k)
+    if cdt == torch.float32 and (decay <= _CUMSUM_SAFE_DECAY or decay + spread <= _CUMSUM_SAFE_TOTAL):
+        return "cumsum", torch.float32
+    if decay + spread <= _CUMSUM64_SAFE_TOTAL:
+        return "cumsum", torch.float64
+    return "chunked", torch.float64
 
 
 def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "auto") -> torch.Tensor:
@@ -158,27 +180,28 @@ def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
         u: (C,) bonus of the token itself, already divided by T.
         k: (B, T, C) keys.
         v: (B, T, C) values.
-        method: ``"auto"`` (cumsum form when it is safe for the data, else chunked), ``"cumsum"`` or
-            ``"chunked"``.
+        method: ``"auto"`` (the float32 cumsum form when it is safe for the data, else the cumsum form in
+            float64 when that is safe, else the chunked form), ``"cumsum"`` (in the inputs' compute dtype,
+            whatever the range) or ``"chunked"`` (range-proof, computed in float64).
 
     Returns:
-        (B, T, C) tensor in ``k``'s dtype.
+        (B, T, C) tensor in ``k``'s dtype. Inputs of mixed floating dtypes are all computed in the compute
+        dtype (float64 if any input is float64, else float32).
     """
     _check_shapes(w, u, k, v)
+    if method not in ("auto", "cumsum", "chunked"):
+        raise ValueError(f"unknown bi_wkv method {method!r}; use 'auto', 'cumsum' or 'chunked'")
     out_dtype = k.dtype
     cdt = _compute_dtype(w, u, k, v)
     with torch.autocast(device_type=k.device.type, enabled=False):
-        w, u, k, v = (t.to(cdt) for t in (w, u, k, v))
         if k.shape[1] == 0:
-            return v.to(out_dtype)
+            return v.to(out_dtype, copy=True)
         if method == "auto":
-            method = "cumsum" if _cumsum_is_safe(w, k) else "chunked"
-        if method == "cumsum":
-            y = _bi_wkv_cumsum(w, u, k, v)
+            method, cdt = _choose_form(w, k, cdt)
         elif method == "chunked":
-            y = _bi_wkv_chunked(w, u, k, v)
-        else:
-            raise ValueError(f"unknown bi_wkv method {method!r}; use 'auto', 'cumsum' or 'chunked'")
+            cdt = torch.float64
+        w, u, k, v = (t.to(cdt) for t in (w, u, k, v))
+        y = _bi_wkv_cumsum(w, u, k, v) if method == "cumsum" else _bi_wkv_chunked(w, u, k, v)
     return y.to(out_dtype)
 
 

@@ -92,6 +92,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -100,7 +101,7 @@ from torch.autograd.function import once_differentiable
 
 from .biwkv import _check_shapes
 
-__all__ = ["bi_wkv_triton", "LaunchConfig", "launch_config"]
+__all__ = ["bi_wkv_triton", "bi_wkv_triton_vjp", "LaunchConfig", "launch_config", "kernel_limit", "interpreted"]
 
 # Finite stand-in for log(0). exp(NEG - x) == 0 for any finite x, and NEG - NEG stays finite, so empty
 # partial sums never produce inf - inf = NaN.
@@ -590,6 +591,31 @@ def launch_config(
     return LaunchConfig(bt, btb, bc, nw, nwb, chunk, n_chunks)
 
 
+# Limits of the kernels. Token offsets ``row * C + col`` are int32 inside a batch row, token positions are
+# exact float32 integers only below 2^24, and CUDA grid axes y (batch) and z (chunks) hold at most 65535.
+MAX_TOKENS_TIMES_CHANNELS = 2**31 - 1  # T * C must stay below this
+MAX_TOKENS = 2**24  # T must stay below this
+MAX_GRID_YZ = 65535
+
+
+def kernel_limit(B: int, T: int, C: int, cfg: LaunchConfig) -> Optional[str]:
+    """Why the kernels cannot run a ``(B, T, C)`` problem with ``cfg``, or None when they can."""
+    if T * C >= MAX_TOKENS_TIMES_CHANNELS:
+        return f"T*C = {T * C} >= 2^31 (int32 token offsets)"
+    if T >= MAX_TOKENS:
+        return f"T = {T} >= 2^24 (float32 token positions)"
+    if B > MAX_GRID_YZ:
+        return f"B = {B} > {MAX_GRID_YZ} (CUDA grid axis y)"
+    if cfg.n_chunks > MAX_GRID_YZ:
+        return f"{cfg.n_chunks} T-split chunks > {MAX_GRID_YZ} (CUDA grid axis z)"
+    return None
+
+
+def interpreted() -> bool:
+    """True when the kernels were loaded under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
+    return type(_bi_wkv_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launchers and autograd
 # ----------------------------------------------------------------------------------------------------------
@@ -667,37 +693,93 @@ def _backward(
     return dw, du, dk, dv
 
 
+# A backward hook ``(inputs, gy, grads, error) -> grads``: ``inputs`` are the float32 ``w``, ``u`` and the
+# ``k``, ``v`` the kernels saw; ``grads`` are the kernel's ``(dw, du, dk, dv)``, or None when the backward
+# raised ``error``. It returns the gradients to use (the first-launch guard of ``medurwkv.ops`` checks them
+# there and substitutes the PyTorch path's where they are wrong).
+BackwardHook = Callable[..., tuple]
+
+
 class _BiWKVTriton(torch.autograd.Function):
+    """Forward and backward kernels. ``forward`` returns ``(y, y32, lse, summ)`` (the last three for the
+    backward, not differentiable; ``y32`` is None when ``y`` is float32, ``summ`` without a T-split). The
+    ``setup_context`` form lets ``torch.func`` transforms (the compiled backward in ``medurwkv.ops``) run it."""
+
     @staticmethod
-    def forward(ctx, w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cfg: LaunchConfig) -> torch.Tensor:
+    def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cfg: LaunchConfig, hook: Optional[BackwardHook] = None):
         w32 = w.detach().to(torch.float32).contiguous()
         u32 = u.detach().to(torch.float32).contiguous()
-        k = k.contiguous()
-        v = v.contiguous()
-        y, y32, lse, summ = _forward(w32, u32, k, v, cfg, save=True)
+        y, y32, lse, summ = _forward(w32, u32, k.contiguous(), v.contiguous(), cfg, save=True)
+        return y, (None if y32 is y else y32), lse, summ
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        w, u, k, v, cfg, hook = inputs
+        y, y32, lse, summ = output
+        extra = [t for t in (y32, lse, summ) if t is not None]
+        ctx.mark_non_differentiable(*extra)
         ctx.cfg = cfg
-        ctx.wu_dtypes = (w.dtype, u.dtype)
+        ctx.hook = hook
         ctx.has_summ = summ is not None
-        ctx.save_for_backward(w32, u32, k, v, y32, lse, *([summ] if summ is not None else []))
-        return y
+        ctx.save_for_backward(w, u, k, v, y if y32 is None else y32, lse, *([summ] if summ is not None else []))
 
     @staticmethod
     @once_differentiable  # the backward is a kernel, not torch ops: no double backward
-    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        w32, u32, k, v, y32, lse, *rest = ctx.saved_tensors
+    def backward(ctx, gy: torch.Tensor, *_unused):  # type: ignore[override]
+        w, u, k, v, y32, lse, *rest = ctx.saved_tensors
         fsumm = rest[0] if ctx.has_summ else None
-        device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
-        with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
-            dw, du, dk, dv = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), ctx.cfg)
+        dw, du, dk, dv = _grads(w, u, k, v, y32, lse, fsumm, gy, ctx.cfg, ctx.hook)
         need = ctx.needs_input_grad
-        return (
-            dw.to(ctx.wu_dtypes[0]) if need[0] else None,
-            du.to(ctx.wu_dtypes[1]) if need[1] else None,
-            dk if need[2] else None,
-            dv if need[3] else None,
-            None,
-        )
+        return (dw if need[0] else None, du if need[1] else None, dk if need[2] else None,
+                dv if need[3] else None, None, None)
+
+
+def _grads(w, u, k, v, y32, lse, fsumm, gy, cfg: LaunchConfig, hook: Optional[BackwardHook]):
+    """The backward kernels (through ``hook`` when given); dw, du in w's, u's dtypes."""
+    w32 = w.to(torch.float32).contiguous()
+    u32 = u.to(torch.float32).contiguous()
+    k, v = k.contiguous(), v.contiguous()
+    device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+    with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
+        if hook is None:
+            dw, du, dk, dv = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), cfg)
+        else:
+            grads, error = None, None
+            try:
+                grads = _backward(w32, u32, k, v, y32, lse, fsumm, gy.contiguous(), cfg)
+            except Exception as exc:  # handed to the guard, which decides to fall back or raise
+                error = exc
+            dw, du, dk, dv = hook((w32, u32, k, v), gy, grads, error)
+    return dw.to(w.dtype), du.to(u.dtype), dk, dv
+
+
+def bi_wkv_triton_vjp(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gy: torch.Tensor,
+    backward_hook: Optional[BackwardHook] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`bi_wkv_triton` for the output gradient ``gy`` without autograd: the forward
+    kernel (storing what the backward needs), then the backward kernels. The compiled backward of
+    ``medurwkv.ops`` uses it (tensors inside ``torch.func`` transforms cannot be handed to kernels)."""
+    _check_shapes(w, u, k, v)
+    B, T, C = k.shape
+    k_dtype, v_dtype = k.dtype, v.dtype
+    if v.dtype != k.dtype:
+        k, v = k.to(torch.float32), v.to(torch.float32)
+    if B * T * C == 0:
+        return torch.zeros_like(w), torch.zeros_like(u), torch.zeros_like(k, dtype=k_dtype), gy.to(v_dtype, copy=True)
+    cfg = launch_config(B, T, C, k.device)
+    limit = kernel_limit(B, T, C, cfg)
+    if limit is not None:
+        raise ValueError(f"bi_wkv: the Triton kernels cannot run (B, T, C) = {(B, T, C)}: {limit}")
+    k, v = k.contiguous(), v.contiguous()
+    device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+    with torch.no_grad(), device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
+        w32 = w.to(torch.float32).contiguous()
+        u32 = u.to(torch.float32).contiguous()
+        y, y32, lse, summ = _forward(w32, u32, k, v, cfg, save=True)
+        dw, du, dk, dv = _grads(w, u, k, v, y32, lse, summ, gy.to(k.dtype), cfg, backward_hook)
+    return dw, du, dk.to(k_dtype), dv.to(v_dtype)
 
 
 def bi_wkv_triton(
@@ -710,6 +792,7 @@ def bi_wkv_triton(
     block_t: int | None = None,
     block_c: int | None = None,
     num_warps: int | None = None,
+    backward_hook: Optional[BackwardHook] = None,
 ) -> torch.Tensor:
     """Bi-WKV with Triton kernels; differentiable in all four inputs.
 
@@ -717,28 +800,39 @@ def bi_wkv_triton(
         w: (C,) ``spatial_decay / T``.
         u: (C,) ``spatial_first / T``.
         k: (B, T, C) keys, float32/bfloat16/float16 (float64 is computed in float32).
-        v: (B, T, C) values.
+        v: (B, T, C) values. When its dtype differs from ``k``'s, both are read as float32, as the PyTorch
+            path computes mixed dtypes.
         chunk_len, block_t, block_c, num_warps: launch overrides, see :func:`launch_config` (tests and
             tuning; the defaults are heuristics).
+        backward_hook: see ``BackwardHook`` (used by the first-launch guard of ``medurwkv.ops``).
 
     Returns:
         (B, T, C) in ``k``'s dtype; all arithmetic is float32 and autocast is disabled inside.
+
+    Raises:
+        ValueError: shapes, devices, or a problem beyond the kernels' limits (:func:`kernel_limit`).
     """
     _check_shapes(w, u, k, v)
     B, T, C = k.shape
     if not (w.device == u.device == k.device == v.device):
         raise ValueError("bi_wkv expects w, u, k, v on the same device")
+    out_dtype = k.dtype
     if v.dtype != k.dtype:
-        v = v.to(k.dtype)
+        k, v = k.to(torch.float32), v.to(torch.float32)
     if B * T * C == 0:
-        return v.clone()
+        return v.to(out_dtype, copy=True)
     cfg = launch_config(B, T, C, k.device, chunk_len=chunk_len, block_t=block_t, block_c=block_c,
                         num_warps=num_warps)
+    limit = kernel_limit(B, T, C, cfg)
+    if limit is not None:
+        raise ValueError(f"bi_wkv: the Triton kernels cannot run (B, T, C) = {(B, T, C)}: {limit}")
     # Triton launches on the current CUDA device, so make it the inputs' device
     device_ctx = torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
     with device_ctx, torch.autocast(device_type=k.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
-            return _BiWKVTriton.apply(w, u, k, v, cfg)
-        w32 = w.to(torch.float32).contiguous()
-        u32 = u.to(torch.float32).contiguous()
-        return _forward(w32, u32, k.contiguous(), v.contiguous(), cfg, save=False)[0]
+            y = _BiWKVTriton.apply(w, u, k, v, cfg, backward_hook)[0]
+        else:
+            w32 = w.to(torch.float32).contiguous()
+            u32 = u.to(torch.float32).contiguous()
+            y = _forward(w32, u32, k.contiguous(), v.contiguous(), cfg, save=False)[0]
+    return y.to(out_dtype)
