@@ -45,3 +45,21 @@ class WeightsError(AppError):
     """``models/model.pt`` exists but cannot be loaded strictly into the bundle's ``network_def``."""
 
     status = 500
+
+
+class Forbidden(AppError):
+    """The request would modify something the server only reads (a volume linked from a dataset folder)."""
+
+    status = 403
+
+
+class Conflict(AppError):
+    """The request would replace different data stored under the same name (another patient's volume)."""
+
+    status = 409
+
+
+class TooLarge(AppError):
+    """An upload, a volume (by its header) or an archive is over the server's size limits."""
+
+    status = 413

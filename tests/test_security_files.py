@@ -1,0 +1,354 @@
+"""Files from requests: names stay inside their folder, sizes are checked before decoding, nothing is lost.
+
+The first half tests the app's helpers without a server (names, archives, size limits, label reading in each
+format, the datastore's replace/delete/label rules, index recovery). The second half sends every probe to a
+real server (``tests/label_server.py``) with raw HTTP and ``MONAILabelClient``: each answers 4xx, a sentinel
+folder outside the studies is listed before and after and stays the same, ``/info/`` answers after each, and
+the server's memory (RSS of the server and its children) is sampled while each probe runs. The probe table
+(status, seconds, peak RSS) is printed at the end of the module (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import signal
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from label_server import APP, MODEL, http, stage, status_of, wait_for
+
+sys.path.insert(0, str(APP))
+try:
+    from lib.datastore import CheckedLocalDatastore
+    from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
+    from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
+    from lib.server import BodyLimit
+    from lib.uploads import extract_archive, safe_name
+finally:
+    sys.path.remove(str(APP))
+
+MB = 1 << 20
+BAD_NAMES = ["/abs/path", "../x", "a/b", "..", ".", ".hidden", "a\\b", "x\x00y", "x" * 200, "", " x"]
+GOOD_NAMES = ["colin_a", "3: T1 SAG head", "IMG-0001 (2)"]
+
+
+def _nifti_bytes(shape, dtype="float32") -> bytes:
+    """A NIfTI header declaring ``shape`` followed by no data (the file stays tiny)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.dtype(dtype))
+    header.set_data_shape(shape)
+    header["vox_offset"] = 352
+    return header.binaryblock + b"\0" * 4
+
+
+def header_only_nifti(path: Path, shape=(2000, 2000, 2000)) -> Path:
+    """The 'small file, huge volume' probe: a gzipped NIfTI header alone (~100 bytes) declaring 2000^3 voxels."""
+    path.write_bytes(gzip.compress(_nifti_bytes(shape), 9))
+    return path
+
+
+def gzip_bomb_nifti(path: Path, inflated_gb: float = 4.5) -> Path:
+    """The gzip probe: a valid 64 x 64 x 4 NIfTI (32 KB of data) whose gzip stream goes on inflating to
+    ``inflated_gb`` GB (concatenated gzip members of zeros; a ~4 MB file for 4.5 GB)."""
+    first = gzip.compress(_nifti_bytes((64, 64, 4), "int16") + b"\0" * (64 * 64 * 4 * 2), 9)
+    block = gzip.compress(b"\0" * (64 * MB), 9)
+    with open(path, "wb") as f:
+        f.write(first)
+        for _ in range(int(inflated_gb * 1024 / 64)):
+            f.write(block)
+    return path
+
+
+def _tar(path: Path, entries) -> Path:
+    """entries: (TarInfo, bytes or None)."""
+    with tarfile.open(path, "w:gz") as t:
+        for info, data in entries:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _info(name, size=0, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = size, kind, link
+    return info
+
+
+def _listing(folder: Path) -> dict:
+    return {
+        str(p.relative_to(folder)): (p.is_symlink(), p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    } if folder.exists() else {}
+
+
+def _nrrd_label(path: Path, data: np.ndarray, like: Path) -> Path:
+    """``data`` (index order i, j, k) written by SimpleITK on the grid of the NIfTI ``like``."""
+    import SimpleITK as sitk
+
+    ref = sitk.ReadImage(str(like))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    img.CopyInformation(ref)
+    sitk.WriteImage(img, str(path), True)
+    return path
+
+
+# ============================================================================================ no server
+def test_names_must_be_one_plain_component():
+    for name in GOOD_NAMES:
+        assert safe_name(name, "image id") == name
+    for name in BAD_NAMES:
+        with pytest.raises(BadInput) as e:
+            safe_name(name, "image id")
+        assert e.value.status_code == 422 and "image id" in e.value.detail
+
+
+def test_archives_refuse_escapes_links_devices_and_size(tmp_path):
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep.txt").write_text("keep")
+    before = _listing(tmp_path)
+    limits = Limits(max_archive_bytes=1 * MB, max_archive_files=5)
+    payload = b"x" * 100
+    bad = {
+        "dotdot": _tar(tmp_path / "a.tar.gz", [(_info("ok.nii.gz", 100), payload), (_info("../sentinel/evil", 100), payload)]),
+        "absolute": _tar(tmp_path / "b.tar.gz", [(_info(str(sentinel / "evil"), 100), payload)]),
+        "symlink": _tar(tmp_path / "c.tar.gz", [(_info("link", kind=tarfile.SYMTYPE, link=str(sentinel)), None)]),
+        "hardlink": _tar(tmp_path / "d.tar.gz", [(_info("hl", kind=tarfile.LNKTYPE, link="/etc/passwd"), None)]),
+        "device": _tar(tmp_path / "e.tar.gz", [(_info("dev", kind=tarfile.CHRTYPE), None)]),
+        "declares 10 GB": _tar(tmp_path / "f.tar.gz", [(_info("big.nii", 10 << 30), None)]),
+        "too many entries": _tar(tmp_path / "g.tar.gz", [(_info(f"f{i}", 1), b"x") for i in range(6)]),
+    }
+    with zipfile.ZipFile(tmp_path / "h.zip", "w") as z:
+        z.writestr("../sentinel/evil", payload)
+    bad["zip dotdot"] = tmp_path / "h.zip"
+    with zipfile.ZipFile(tmp_path / "i.zip", "w") as z:
+        link = zipfile.ZipInfo("link")
+        link.external_attr = (0o120777 << 16)
+        z.writestr(link, str(sentinel))
+    bad["zip symlink"] = tmp_path / "i.zip"
+    with zipfile.ZipFile(tmp_path / "j.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.nii", b"\0" * (2 * MB))
+    bad["zip over the size limit"] = tmp_path / "j.zip"
+    before = _listing(sentinel)
+    for what, archive in bad.items():
+        target = tmp_path / f"out_{archive.name}"
+        target.mkdir()
+        with pytest.raises((BadInput, TooLarge)) as e:
+            extract_archive(str(archive), str(target), limits)
+        expected = 413 if what in ("declares 10 GB", "too many entries", "zip over the size limit") else 422
+        assert e.value.status_code == expected, what
+        assert not target.exists(), f"{what}: partly extracted files left behind"
+    assert _listing(sentinel) == before
+
+    good = _tar(tmp_path / "good.tar.gz", [(_info("series", kind=tarfile.DIRTYPE), None), (_info("series/a.dcm", 100), payload)])
+    target = tmp_path / "good"
+    target.mkdir()
+    extract_archive(str(good), str(target), limits)
+    assert (target / "series" / "a.dcm").read_bytes() == payload
+
+
+def test_size_limits_refuse_before_decoding(tmp_path):
+    import psutil
+
+    rss0 = psutil.Process().memory_info().rss
+    limits = Limits()
+    assert limits.max_voxels >= 512 * 512 * 2000  # a large CT is admitted
+    t0 = time.time()
+    with pytest.raises(TooLarge) as e:
+        check_volume_file(str(header_only_nifti(tmp_path / "huge.nii.gz")), limits)
+    assert "2000 x 2000 x 2000 = 8,000,000,000 voxels" in e.value.detail and "600,000,000" in e.value.detail
+    bomb = gzip_bomb_nifti(tmp_path / "bomb.nii.gz", inflated_gb=0.5)
+    with pytest.raises(TooLarge) as e:
+        check_volume_file(str(bomb), limits)
+    assert "inflates to more than" in e.value.detail
+    assert time.time() - t0 < 10
+    assert psutil.Process().memory_info().rss - rss0 < 200 * MB
+
+    ct = tmp_path / "ct.nii"  # 512 x 512 x 2000 int16 declared: admitted by the defaults (header only checked)
+    ct.write_bytes(_nifti_bytes((512, 512, 2000), "int16"))
+    with pytest.raises(TooLarge):
+        check_volume_file(str(ct), Limits(max_voxels=512 * 512 * 1999))
+    geometry = check_volume_file.__wrapped__ if hasattr(check_volume_file, "__wrapped__") else None  # noqa: F841
+    small = Limits(max_voxels=10**9, max_image_bytes=4 << 30)
+    try:
+        check_volume_file(str(ct), small)
+    except TooLarge:
+        pytest.fail("a 512 x 512 x 2000 CT header must pass the size check")
+    except BadInput:
+        pass  # the data is missing (only the header was written): refused later, as unreadable, not as too large
+
+
+def test_detached_data_files_and_single_dicom_slices_are_refused(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "x.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                                    "ElementDataFile = /etc/passwd\n")
+    (tmp_path / "y.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                                    "ElementDataFile = /etc/passwd\n")
+    (tmp_path / "z.nrrd").write_text("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+                                     "data file: /etc/passwd\n\n")
+    for name in ("x.mhd", "y.mha", "z.nrrd"):
+        with pytest.raises(UnsupportedFile) as e:
+            check_volume_file(str(tmp_path / name), Limits())
+        assert "separate data file" in e.value.detail, name
+    with pytest.raises(UnsupportedFile) as e:
+        check_volume_file(get_testdata_file("CT_small.dcm"), Limits())
+    assert "single DICOM slice" in e.value.detail and "Include DICOM files" in e.value.detail
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".seg.nrrd", ".nii.gz"])
+def test_label_values_read_correctly_in_every_format(tmp_path, suffix):
+    import SimpleITK as sitk
+
+    ref = tmp_path / "ref.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((96, 80, 40), np.int16), np.diag([0.9, 1.1, 2.0, 1.0])), str(ref))
+    data = np.zeros((96, 80, 40), np.uint8)
+    data[20:60, 10:50, 5:30] = 1
+    path = _nrrd_label(tmp_path / f"label{suffix}", data, ref)
+    del data  # nothing of the writer stays alive
+    import gc
+
+    gc.collect()
+    assert read_label_values(str(path)).tolist() == [0, 1]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).sum() == 40 * 40 * 25
+
+
+def test_same_volume_across_formats(tmp_path):
+    ref = tmp_path / "a.nii.gz"
+    data = (np.arange(32 * 24 * 8) % 251).reshape(32, 24, 8).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), str(ref))
+    resaved = _nrrd_label(tmp_path / "a.nrrd", data, ref)  # what Slicer uploads on each Run
+    other = tmp_path / "b.nii.gz"
+    nib.save(nib.Nifti1Image(data[::-1].copy(), np.diag([1.0, 1.0, 2.0, 1.0])), str(other))
+    assert same_volume(str(ref), str(ref)) and same_volume(str(ref), str(resaved))
+    assert not same_volume(str(ref), str(other))
+
+
+@pytest.fixture()
+def store(tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    vol = (np.arange(32 * 24 * 8) % 97).reshape(32, 24, 8).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, affine), str(dataset / "linked.nii.gz"))
+    os.symlink(dataset / "linked.nii.gz", studies / "linked.nii.gz")
+    nib.save(nib.Nifti1Image(vol + 1, affine), str(studies / "own.nii.gz"))
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii", "*.nrrd"], label_values={0: "bg", 1: "fg"})
+    return ds, studies, dataset, vol, affine
+
+
+def test_datastore_ids_replacement_and_dataset_files(store, tmp_path):
+    ds, studies, dataset, vol, affine = store
+    sentinel_before = _listing(tmp_path / "dataset")
+    upload = tmp_path / "up.nii.gz"
+    nib.save(nib.Nifti1Image(vol * 2, affine), str(upload))
+    for name in [n for n in BAD_NAMES if n]:  # an empty id: taken from the file name
+        with pytest.raises(BadInput):
+            ds.add_image(name, str(upload), {})
+    # another volume under an existing name (Slicer node names repeat across patients): 409, nothing replaced
+    with pytest.raises(Conflict) as e:
+        ds.add_image("linked", str(upload), {})
+    assert "rename the volume node" in e.value.detail
+    assert _listing(tmp_path / "dataset") == sentinel_before
+    # the same volume again, even re-saved in another format: accepted, nothing written
+    again = _nrrd_label(tmp_path / "again.nrrd", vol, dataset / "linked.nii.gz")
+    assert ds.add_image("linked", str(again), {}) == "linked"
+    assert os.path.islink(studies / "linked.nii.gz") and _listing(tmp_path / "dataset") == sentinel_before
+    assert ds.add_image("new one", str(upload), {}) == "new one"
+    assert (studies / "new one.nii.gz").read_bytes() == upload.read_bytes()
+    # a dataset volume is never deleted through its link
+    with pytest.raises(Forbidden):
+        ds.remove_image("linked")
+    assert _listing(tmp_path / "dataset") == sentinel_before and "linked" in ds.list_images()
+    ds.remove_image("new one")
+    assert "new one" not in ds.list_images() and not (studies / "new one.nii.gz").exists()
+    assert not [p for p in studies.rglob("*.tmp")]
+
+
+def test_labels_tags_empty_and_atomic(store, tmp_path):
+    ds, studies, dataset, vol, affine = store
+    label = np.zeros(vol.shape, np.uint8)
+    label[4:20, 4:12, 2:6] = 1
+    good = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, affine), str(good))
+    for tag in ("../..", "../../dataset", "/tmp/x", ".hidden"):
+        with pytest.raises(BadInput):
+            ds.save_label("own", str(good), tag, {})
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(vol.shape, np.uint8), affine), str(empty))
+    with pytest.raises(BadInput) as e:
+        ds.save_label("own", str(empty), "final", {})
+    assert "empty" in e.value.detail
+    assert ds.get_labeled_images() == []
+    nrrd = _nrrd_label(tmp_path / "label.seg.nrrd", label, studies / "own.nii.gz")
+    ds.save_label("own", str(nrrd), "final", {})
+    ds.save_label("own", str(good), "final", {})  # replaces the .nrrd label (the old file goes)
+    assert sorted(p.name for p in (studies / "labels" / "final").iterdir()) == ["own.nii.gz"]
+    assert (studies / "labels" / "final" / "own.nii.gz").read_bytes() == good.read_bytes()
+    assert ds.get_labeled_images() == ["own"]
+    assert not [p for p in studies.rglob("*") if p.name.endswith(".tmp")]
+    with pytest.raises(BadInput):
+        ds.remove_label("own", "../..")
+
+
+def test_truncated_index_is_recovered_from_its_last_good_copy(store):
+    ds, studies, dataset, vol, affine = store
+    ds.update_image_info("own", {"mc_dropout_score": 0.25})
+    index = studies / "datastore_v2.json"
+    index.write_bytes(index.read_bytes()[:100])  # what an in-place write killed half-way leaves
+    again = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii", "*.nrrd"])
+    assert sorted(again.list_images()) == ["linked", "own"]
+    assert again.get_image_info("own")["mc_dropout_score"] == 0.25
+    assert json.loads(index.read_text())["objects"]["own"]
+    assert [p.name for p in studies.glob("datastore_v2.json.broken-*")]
+    # no good copy either: rebuilt from the files on disk (infos lost, volumes and labels kept)
+    for p in (index, Path(str(index) + ".bak")):
+        p.write_text("{")
+    rebuilt = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii", "*.nrrd"])
+    assert sorted(rebuilt.list_images()) == ["linked", "own"]
+
+
+def test_body_limit_answers_413_without_reading_the_rest():
+    import asyncio
+
+    seen = []
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            seen.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(headers, chunks):
+        sent, queue = [], list(chunks)
+
+        async def receive():
+            body = queue.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "headers": headers}
+        asyncio.run(BodyLimit(app, 1000)(scope, receive, send))
+        return sent[0]["status"], len(queue)
+
+    assert run([(b"content-length", b"10000000000")], [b"x"]) == (413, 1)  # refused before reading
+    status, left = run([], [b"x" * 600, b"x" * 600, b"x" * 600, b"x" * 600])  # chunked, no length
+    assert status == 413 and left == 2  # stopped at the chunk that went over
+    assert run([], [b"x" * 500, b"x" * 400]) == (200, 0)
