@@ -139,6 +139,8 @@ class MedURWKVApp(MONAILabelApp):
     def on_init_complete(self):
         """Runs in the server only (not in training/scoring subprocesses)."""
         super().on_init_complete()
+        if isinstance(self._datastore, CheckedLocalDatastore):
+            self._datastore.remove_stale_temp_files()  # of label/index writes a kill -9 interrupted
         task = self._infers[MODEL]
         weights = self.model.weights()
         if not weights["available"]:

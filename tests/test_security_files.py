@@ -352,3 +352,312 @@ def test_body_limit_answers_413_without_reading_the_rest():
     status, left = run([], [b"x" * 600, b"x" * 600, b"x" * 600, b"x" * 600])  # chunked, no length
     assert status == 413 and left == 2  # stopped at the chunk that went over
     assert run([], [b"x" * 500, b"x" * 400]) == (200, 0)
+
+
+# ============================================================================================ real server
+PROBES = []  # (probe, status, seconds, peak RSS MB of the server and its children)
+
+
+class RssSampler:
+    """Peak resident memory of the server process and all its children, sampled every 50 ms."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.root] + self.root.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    from monailabel.client import MONAILabelClient
+
+    c = stage(tmp_path_factory.mktemp("security_files"))
+    # a dataset volume linked into the studies (as --studies sample_data does) and a sentinel folder outside
+    c.dataset = c.root / "dataset"
+    c.dataset.mkdir()
+    src = c.studies / "colin_b.nii.gz"
+    (c.dataset / "linked.nii.gz").write_bytes(src.read_bytes())
+    os.symlink(c.dataset / "linked.nii.gz", c.studies / "linked.nii.gz")
+    c.sentinel = c.root / "sentinel"
+    c.sentinel.mkdir()
+    (c.sentinel / "keep.txt").write_text("must survive")
+    (c.sentinel / "secret.nii.gz").write_bytes((c.studies / "colin_a.nii.gz").read_bytes())
+    (c.sentinel / "sub").mkdir()
+    c.tmp = c.root / "server_tmp"  # the server's own TMPDIR: rejected uploads must leave nothing there
+    c.tmp.mkdir()
+    c.env["TMPDIR"] = str(c.tmp)
+    c.files = c.root / "probe_files"
+    c.files.mkdir()
+    try:
+        c.server.start(host="127.0.0.1")
+        c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
+        yield c
+    finally:
+        c.server.stop()
+        if PROBES:
+            print("\nprobe | status | seconds | peak RSS MB (server + children)")
+            for row in PROBES:
+                print(" | ".join(str(x) for x in row))
+
+
+def _watched(c, what: str, call, expect, rss_bound_mb: float = 600):
+    """Run one probe: its status, nothing changed outside, /info/ answers, memory bounded; recorded in PROBES."""
+    import psutil  # noqa: F401
+
+    outside = (_listing(c.sentinel), _listing(c.dataset))
+    t0 = time.time()
+    with RssSampler(c.server.proc.pid) as rss:
+        base = rss.peak
+        status, body = call()
+    seconds = round(time.time() - t0, 2)
+    PROBES.append((what, status, seconds, round(rss.peak / MB)))
+    assert status in (expect if isinstance(expect, tuple) else (expect,)), f"{what}: {status} {body}"
+    assert (_listing(c.sentinel), _listing(c.dataset)) == outside, f"{what}: something outside changed"
+    assert c.client.info()["name"], f"/info/ after {what}"
+    assert (rss.peak - base) / MB < rss_bound_mb, f"{what}: server RSS grew by {(rss.peak - base) / MB:.0f} MB"
+    return body
+
+
+def _raw(c, method: str, selector: str, files=None, data=None, timeout=120):
+    import requests
+
+    r = requests.request(method, c.server.url + selector, files=files, data=data, timeout=timeout)
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
+
+
+def _leftovers(c) -> list:
+    """Upload copies left in the server's TMPDIR (monailabel's own ``tmp*.json`` task requests are not uploads)."""
+    return [p.name for p in c.tmp.iterdir() if not (p.name.startswith("tmp") and p.name.endswith(".json"))]
+
+
+def _upload(path: Path, field: str = "file", name: str = None):
+    return {field: (name or path.name, open(path, "rb"))}
+
+
+def test_server_paths_stay_inside_their_folders(srv):
+    c = srv
+    vol = c.studies / "colin_a.nii.gz"
+    secret = c.sentinel / "secret.nii.gz"
+    label = c.gt / "colin_a.nii.gz"
+    probes = [
+        ("PUT image=/abs/path", "PUT", f"/datastore/image?image={c.sentinel}/evil", _upload(vol), 422),
+        ("PUT image=../x", "PUT", "/datastore/image?image=../sentinel/evil", _upload(vol), 422),
+        ("PUT image=..%2Fx", "PUT", "/datastore/image?image=..%2Fsentinel%2Fevil", _upload(vol), 422),
+        ("PUT upload name ../x (no id)", "PUT", "/datastore/image", _upload(vol, name="../../sentinel/x.nii.gz"), 200),
+        ("PUT label tag=../..", "PUT", "/datastore/label?image=colin_a&tag=../..", _upload(label, "label"), 422),
+        ("PUT label tag=../../sentinel", "PUT", "/datastore/label?image=colin_a&tag=..%2F..%2Fsentinel",
+         _upload(label, "label"), 422),
+        ("DELETE /session/..", "DELETE", "/session/%2E%2E", None, (404, 405)),
+        ("GET /session/..?image", "GET", "/session/%2E%2E?image=true", None, 404),
+        ("DELETE label tag=../..", "DELETE", "/datastore/label?id=colin_a&tag=..%2F..", None, 422),
+        ("infer image=<server path>", "POST", f"/infer/{MODEL}?image={secret}", None, 422),
+        ("infer session_id=../sentinel", "POST", f"/infer/{MODEL}?session_id=..%2Fsentinel", None, 404),
+        ("infer params image=<server path>", "POST", f"/infer/{MODEL}?image=colin_a",
+         {"params": (None, json.dumps({"image": str(secret)}))}, 404),
+        ("DELETE dataset-linked image", "DELETE", "/datastore/image?id=linked", None, 403),
+        ("PUT other volume as linked", "PUT", "/datastore/image?image=linked", _upload(vol), 409),
+    ]
+    for what, method, selector, files, expect in probes:
+        body = _watched(c, what, lambda: _raw(c, method, selector, files=files), expect)
+        if what.startswith("PUT upload name"):
+            assert body["image"] == "x" and (c.studies / "x.nii.gz").is_file()  # the name's last component only
+    assert not (c.root / "evil").exists() and not (c.root / "evil.nii.gz").exists()
+    assert os.path.islink(c.studies / "linked.nii.gz")
+    assert "linked" in c.client.datastore()["objects"]
+
+
+def test_server_archives_are_unpacked_only_when_safe(srv):
+    c = srv
+    payload = (c.studies / "colin_a.nii.gz").read_bytes()
+    archives = {
+        "tar.gz with ../ entry": _tar(c.files / "a.tar.gz", [(_info("../../sentinel/evil", len(payload)), payload)]),
+        "tar.gz with absolute entry": _tar(c.files / "b.tar.gz", [(_info(str(c.sentinel / "evil"), len(payload)), payload)]),
+        "tar.gz with symlink": _tar(c.files / "c.tar.gz", [(_info("x.nii.gz", kind=tarfile.SYMTYPE, link=str(c.sentinel / "secret.nii.gz")), None)]),
+        "tar.gz declaring a 10 GB entry": _tar(c.files / "d.tar.gz", [(_info("big.nii", 10 << 30), None)]),
+    }
+    with zipfile.ZipFile(c.files / "e.zip", "w") as z:
+        z.writestr("../../sentinel/evil", payload)
+    archives["zip with ../ entry"] = c.files / "e.zip"
+    for what, path in archives.items():
+        expect = 413 if "10 GB" in what else 422
+        _watched(c, what, lambda: _raw(c, "PUT", "/session/?uncompress=true", files=_upload(path, "files")), expect)
+    good = _tar(c.files / "good.tar.gz", [(_info("vol.nii.gz", len(payload)), payload)])
+    status, body = _raw(c, "PUT", "/session/?uncompress=true", files=_upload(good, "files"))
+    assert status == 200 and c.client.get_session(body["session_id"])
+    assert not _leftovers(c)
+
+
+def test_server_memory_probes_are_refused_before_decoding(srv):
+    c = srv
+    huge = header_only_nifti(c.files / "huge.nii.gz")
+    bomb = gzip_bomb_nifti(c.files / "bomb.nii.gz", inflated_gb=4.5)
+    assert huge.stat().st_size < 200 and bomb.stat().st_size < 6 * MB
+    for name, path in (("2000^3 header", huge), ("gzip bomb 4.5 GB", bomb)):
+        for route, selector, field in (
+            ("PUT /datastore/image", "/datastore/image?image=probe", "file"),
+            ("POST /infer file", f"/infer/{MODEL}", "file"),
+            ("PUT /session/", "/session/", "files"),
+            ("PUT /datastore/label", "/datastore/label?image=colin_a&tag=final", "label"),
+        ):
+            body = _watched(c, f"{name} -> {route}", lambda: _raw(c, "PUT" if "PUT" in route else "POST", selector,
+                                                               files=_upload(path, field)), 413, rss_bound_mb=300)
+            assert "voxels" in str(body) or "inflates" in str(body)
+    import http.client
+
+    def lying_length():  # a request that declares 10 GB: answered before the body is read
+        conn = http.client.HTTPConnection("127.0.0.1", c.server.port, timeout=30)
+        conn.putrequest("PUT", "/datastore/image?image=big")
+        conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+        conn.putheader("Content-Length", str(10 << 30))
+        conn.endheaders()
+        conn.send(b"--x\r\n")
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+
+    _watched(c, "Content-Length 10 GB", lying_length, 413, rss_bound_mb=100)
+    assert "probe" not in c.client.datastore()["objects"]
+    assert not _leftovers(c)
+
+
+def test_server_uploads_keep_each_volume_and_its_labels(srv):
+    """Slicer uploads on every Run with the node name: same volume again is fine, another volume is a 409."""
+    from pydicom.data import get_testdata_file
+
+    c = srv
+    c.client.upload_image(str(c.eval_images / "colin_eval.nii.gz"), "3: T1 SAG head")
+    c.client.save_label("3: T1 SAG head", str(c.eval_labels / "colin_eval.nii.gz"), tag="final")
+    again = _nrrd_label(c.files / "resaved.nrrd", np.asanyarray(nib.load(str(c.eval_images / "colin_eval.nii.gz")).dataobj),
+                        c.eval_images / "colin_eval.nii.gz")
+    c.client.upload_image(str(again), "3: T1 SAG head")  # what the plugin sends on the next Run: accepted
+    for what, call, status, text in (
+        ("another head under the same name", lambda: c.client.upload_image(str(c.studies / "itk_c.nii.gz"), "3: T1 SAG head"),
+         409, "already exists"),
+        ("a single DICOM slice", lambda: c.client.upload_image(get_testdata_file("CT_small.dcm"), "CT_small"),
+         415, "single DICOM slice"),
+        ("an empty label", lambda: c.client.save_label("colin_a", str(_empty_label(c)), tag="final"), 422, "empty"),
+    ):
+        message = _watched(c, what, lambda: _client_call(call), status)
+        assert text in message, f"{what}: {message}"
+    objects = c.client.datastore()["objects"]
+    assert "CT_small" not in objects and "final" not in objects["colin_a"]["labels"]
+    stored = c.client.download_label("3: T1 SAG head", "final")
+    assert np.array_equal(np.asanyarray(nib.load(stored).dataobj),
+                          np.asanyarray(nib.load(str(c.eval_labels / "colin_eval.nii.gz")).dataobj))
+    assert not _leftovers(c)
+
+
+def _client_call(call):
+    """(status, message) of a ``MONAILabelClient`` call, as Slicer's plugin sees it."""
+    from monailabel.client.client import MONAILabelClientException
+
+    try:
+        call()
+    except MONAILabelClientException as e:
+        return status_of(e), e.msg
+    return 200, ""
+
+
+def _empty_label(c) -> Path:
+    ref = nib.load(str(c.studies / "colin_a.nii.gz"))
+    path = c.files / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine), str(path))
+    return path
+
+
+def test_server_large_label_keeps_info_responsive_and_survives_kill_9(srv):
+    """A 105 MB label: /info/ keeps answering while it is checked and stored; kill -9 in the middle of writing
+    the next one leaves the old or the new label (never a broken one), and the restarted server has it."""
+    c = srv
+    shape = (512, 512, 400)  # uint8, uncompressed: 105 MB
+    affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    image = c.files / "big.nii"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), affine), str(image))
+    c.client.upload_image(str(image), "big")
+    labels = {}
+    for name, box in (("a", (slice(100, 300), slice(100, 300), slice(50, 250))),
+                      ("b", (slice(150, 400), slice(120, 330), slice(80, 350)))):
+        data = np.zeros(shape, np.uint8)
+        data[box] = 1
+        labels[name] = c.files / f"label_{name}.nii"
+        nib.save(nib.Nifti1Image(data, affine), str(labels[name]))
+        del data
+    expected = {k: v.read_bytes() for k, v in labels.items()}
+
+    latencies, done = [], threading.Event()
+
+    def poll_info():
+        import requests
+
+        while not done.is_set():
+            t0 = time.time()
+            requests.get(c.server.url + "/info/", timeout=60)
+            latencies.append(time.time() - t0)
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll_info, daemon=True)
+    poller.start()
+    t0 = time.time()
+    _watched(c, "105 MB label (check + atomic write)",
+             lambda: _raw(c, "PUT", "/datastore/label?image=big&tag=final", files=_upload(labels["a"], "label")), 200,
+             rss_bound_mb=1500)
+    done.set()
+    poller.join()
+    assert max(latencies) < 2.0, f"/info/ stalled {max(latencies):.1f} s while the label was checked"
+    PROBES.append(("/info/ max latency during the 105 MB label", 200, round(max(latencies), 2), "-"))
+
+    final = c.studies / "labels" / "final"
+    result = {}
+
+    def save_b():
+        try:
+            result["status"] = _raw(c, "PUT", "/datastore/label?image=big&tag=final", files=_upload(labels["b"], "label"))[0]
+        except Exception as e:  # the connection dies with the server
+            result["status"] = type(e).__name__
+
+    sender = threading.Thread(target=save_b, daemon=True)
+    sender.start()
+    tmp = wait_for(lambda: [p for p in final.iterdir() if p.name.endswith(".tmp")], 120, "the label write", 0.001)
+    os.killpg(c.server.proc.pid, signal.SIGKILL)
+    c.server.proc.wait(30)
+    sender.join(60)
+    PROBES.append(("kill -9 while writing the label", f"temp file {tmp[0].name[:12]}...", round(time.time() - t0, 1), "-"))
+    assert (final / "big.nii").read_bytes() in (expected["a"], expected["b"])
+    json.loads((c.studies / "datastore_v2.json").read_text())  # the index is whole
+
+    c.server.start(host="127.0.0.1")
+    assert not [p for p in final.iterdir() if p.name.endswith(".tmp")]
+    stored = Path(c.client.download_label("big", "final")).read_bytes()
+    assert stored in (expected["a"], expected["b"])
+    assert "final" in c.client.datastore()["objects"]["big"]["labels"]

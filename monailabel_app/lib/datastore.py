@@ -103,6 +103,23 @@ class CheckedLocalDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         logger.warning(f"The datastore index was unreadable (kept as {os.path.basename(broken)}); restored from {source}")
 
+    def remove_stale_temp_files(self) -> int:
+        """Remove the temporary files of writes that a killed server left behind (``.<name>.<random>.tmp``, see
+        ``medurwkv/files.py``). Only the server calls this, at start: no write of its own is in flight then."""
+        removed = 0
+        folders = [self._datastore_path, self._datastore.image_path(), self._datastore.label_path(None)]
+        labels = self._datastore.label_path(None)
+        folders += [os.path.join(labels, d) for d in os.listdir(labels) if os.path.isdir(os.path.join(labels, d))]
+        for folder in dict.fromkeys(os.path.realpath(f) for f in folders):
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path) and not os.path.islink(path):
+                    os.remove(path)
+                    removed += 1
+        if removed:
+            logger.warning(f"Removed {removed} temporary file(s) of writes interrupted by a previous stop")
+        return removed
+
     # ------------------------------------------------------------------------------------------ images
     def _require_image(self, image_id: str) -> str:
         uri = self.get_image_uri(image_id) if isinstance(image_id, str) else ""

@@ -116,6 +116,10 @@ def read_label_values(path: str, desc: Optional[str] = None) -> np.ndarray:
             import SimpleITK as sitk
 
             data = sitk.GetArrayFromImage(sitk.ReadImage(path))  # a copy: a view would outlive its image
+        if data.dtype.kind in "iub" and data.size:  # a few classes: a pass per value beats sorting 100 M voxels
+            low, high = int(data.min()), int(data.max())
+            if high - low < 16:
+                return np.array([v for v in range(low, high + 1) if (data == v).any()], dtype=data.dtype)
         return np.unique(data)
     except Exception as e:
         reason = f"{type(e).__name__}: {e}".replace(path, os.path.basename(path))
