@@ -34,7 +34,7 @@ try:
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
     from lib.server import BodyLimit
-    from lib.uploads import extract_archive, safe_name
+    from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
 
@@ -174,18 +174,15 @@ def test_size_limits_refuse_before_decoding(tmp_path):
     assert time.time() - t0 < 10
     assert psutil.Process().memory_info().rss - rss0 < 200 * MB
 
-    ct = tmp_path / "ct.nii"  # 512 x 512 x 2000 int16 declared: admitted by the defaults (header only checked)
+    ct = tmp_path / "ct.nii"  # 512 x 512 x 2000 int16 declared: admitted (only the header is checked here)
     ct.write_bytes(_nifti_bytes((512, 512, 2000), "int16"))
-    with pytest.raises(TooLarge):
-        check_volume_file(str(ct), Limits(max_voxels=512 * 512 * 1999))
-    geometry = check_volume_file.__wrapped__ if hasattr(check_volume_file, "__wrapped__") else None  # noqa: F841
-    small = Limits(max_voxels=10**9, max_image_bytes=4 << 30)
-    try:
-        check_volume_file(str(ct), small)
-    except TooLarge:
-        pytest.fail("a 512 x 512 x 2000 CT header must pass the size check")
-    except BadInput:
-        pass  # the data is missing (only the header was written): refused later, as unreadable, not as too large
+    assert check_volume_file(str(ct), Limits(max_image_bytes=4 << 30)).shape == (512, 512, 2000)
+    with pytest.raises(TooLarge) as e:
+        check_volume_file(str(ct), Limits.from_conf({"max_voxels": str(512 * 512 * 1999)}))
+    assert "524,288,000 voxels" in e.value.detail and "524,025,856" in e.value.detail
+    assert Limits.from_conf({"max_upload_mb": "2"}).max_upload_bytes == 2 * MB
+    with pytest.raises(ValueError):
+        Limits.from_conf({"max_voxels": "-1"})
 
 
 def test_detached_data_files_and_single_dicom_slices_are_refused(tmp_path):
@@ -204,6 +201,48 @@ def test_detached_data_files_and_single_dicom_slices_are_refused(tmp_path):
     with pytest.raises(UnsupportedFile) as e:
         check_volume_file(get_testdata_file("CT_small.dcm"), Limits())
     assert "single DICOM slice" in e.value.detail and "Include DICOM files" in e.value.detail
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "a.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    with pytest.raises(UnsupportedFile):
+        check_session_input(str(series), Limits(), "the session")  # one slice in a folder is still one slice
+    (series / "b.dcm").write_bytes((series / "a.dcm").read_bytes())
+    check_session_input(str(series), Limits(), "the session")  # a series
+    import pydicom
+
+    big = pydicom.dcmread(str(series / "b.dcm"))
+    big.Rows, big.Columns, big.NumberOfFrames = 4096, 4096, 2000  # declared in the header only
+    big.save_as(str(series / "b.dcm"))
+    with pytest.raises(TooLarge) as e:
+        check_session_input(str(series), Limits(), "the session")
+    assert "4096 x 4096 x 2000" in e.value.detail
+
+
+def test_scoring_records_an_unreadable_volume_and_scores_the_others(store, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.scoring.mc_dropout import KEY_DETAIL, KEY_SCORE, MCDropoutScoring
+    finally:
+        sys.path.remove(str(APP))
+    ds, studies, dataset, vol, affine = store
+    (studies / "broken.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(500))  # arrives after the datastore started
+    ds.refresh()
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    scoring = MCDropoutScoring(SimpleNamespace(dropout=0.2, weights_path=str(weights)), passes=2)
+
+    def score_volume(path, device, passes, max_slices):  # the real reading; the network is not what is tested
+        return {"score": float(np.asanyarray(nib.load(path).dataobj).mean() % 1)}
+
+    monkeypatch.setattr(scoring, "score_volume", score_volume)
+    summary = scoring({"device": "cpu"}, ds)
+    assert sorted(summary["scores"]) == ["linked", "own"] and list(summary["failed"]) == ["broken"]
+    assert str(studies) not in summary["failed"]["broken"]  # the id, not the server path
+    info = ds.get_image_info("broken")
+    assert info[KEY_SCORE] is None and "error" in info[KEY_DETAIL]
+    assert isinstance(ds.get_image_info("own")[KEY_SCORE], float)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".seg.nrrd", ".nii.gz"])
@@ -486,6 +525,7 @@ def test_server_paths_stay_inside_their_folders(srv):
         ("infer session_id=../sentinel", "POST", f"/infer/{MODEL}?session_id=..%2Fsentinel", None, 404),
         ("infer params image=<server path>", "POST", f"/infer/{MODEL}?image=colin_a",
          {"params": (None, json.dumps({"image": str(secret)}))}, 404),
+        ("WSI infer image=<server path>", "POST", f"/infer/wsi/{MODEL}?image={secret}", None, 415),
         ("DELETE dataset-linked image", "DELETE", "/datastore/image?id=linked", None, 403),
         ("PUT other volume as linked", "PUT", "/datastore/image?image=linked", _upload(vol), 409),
     ]

@@ -25,7 +25,7 @@ from typing import Optional
 from monailabel.utils.sessions import Sessions
 
 from .errors import BadInput, NotFound, TooLarge, UnsupportedFile
-from .imageio import Limits, _mb, check_dicom_file, check_volume_file, is_dicom_file
+from .imageio import Limits, _mb, _sentence, check_dicom_file, check_volume_file, is_dicom_file
 
 MAX_NAME = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -61,6 +61,23 @@ def _inside(root: str, name: str) -> bool:
     return target == root or target.startswith(root + os.sep)
 
 
+def _entries(archive: str, desc: str):
+    """(name, declared size, "file" | "dir" | "other", opener) of each entry of a zip or tar, read as a stream."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                mode = (info.external_attr >> 16) & 0o170000  # unix file type, when the archive records one
+                kind = "dir" if info.is_dir() else "other" if mode and mode != 0o100000 else "file"
+                yield info.filename, info.file_size, kind, (lambda i=info: z.open(i))
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive, "r:*") as t:
+            for m in t:
+                kind = "file" if m.isfile() else "dir" if m.isdir() else "other"  # links, devices, fifos: other
+                yield m.name, m.size, kind, (lambda m=m: t.extractfile(m))
+    else:
+        raise UnsupportedFile(f"{_sentence(desc)} is not a .zip or .tar(.gz) archive.")
+
+
 def extract_archive(archive: str, target: str, limits: Limits, desc: str = "the archive") -> None:
     """Unpack a zip or tar archive into the empty folder ``target`` (see the module doc); on any refusal the
     partly extracted files are removed and ``BadInput`` (422) / ``TooLarge`` (413) / ``UnsupportedFile`` (415)
@@ -72,63 +89,43 @@ def extract_archive(archive: str, target: str, limits: Limits, desc: str = "the 
         nonlocal total, count
         count += 1
         total += max(int(size), 0)
-        if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", name):
-            raise BadInput(f"{desc[:1].upper() + desc[1:]} holds an entry outside its folder: refused.")
-        if not _inside(root, name):
-            raise BadInput(f"{desc[:1].upper() + desc[1:]} holds an entry outside its folder: refused.")
+        escapes = os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", name)
+        if escapes or not _inside(root, name):
+            raise BadInput(f"{_sentence(desc)} holds an entry outside its folder: refused.")
         if count > limits.max_archive_files:
-            raise TooLarge(f"{desc[:1].upper() + desc[1:]} holds more than {limits.max_archive_files:,} entries.")
+            raise TooLarge(f"{_sentence(desc)} holds more than {limits.max_archive_files:,} entries.")
         if total > limits.max_archive_bytes:
             raise TooLarge(
-                f"{desc[:1].upper() + desc[1:]} unpacks to more than {_mb(limits.max_archive_bytes)} "
+                f"{_sentence(desc)} unpacks to more than {_mb(limits.max_archive_bytes)} "
                 f"(--conf max_archive_mb)."
             )
 
     try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as z:
-                for info in z.infolist():
-                    mode = (info.external_attr >> 16) & 0o170000
-                    if mode and mode not in (0o100000, 0o040000):  # symlinks, devices, fifos
-                        raise BadInput(f"{desc[:1].upper() + desc[1:]} holds a link or special file: refused.")
-                    admit(info.filename, info.file_size)
-                    dest = os.path.join(root, info.filename)
-                    if info.is_dir():
-                        os.makedirs(dest, exist_ok=True)
-                        continue
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    written = 0
-                    with z.open(info) as src, open(dest, "xb") as out:
-                        while True:  # the declared size can lie: count what really comes out
-                            block = src.read(1 << 20)
-                            if not block:
-                                break
-                            written += len(block)
-                            if written > info.file_size or written > limits.max_archive_bytes:
-                                raise TooLarge(f"{desc[:1].upper() + desc[1:]} holds an entry larger than declared.")
-                            out.write(block)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive, "r:*") as t:
-                for member in t:  # streaming: sizes are checked before each entry is read
-                    if not (member.isfile() or member.isdir()):
-                        raise BadInput(f"{desc[:1].upper() + desc[1:]} holds a link or special file: refused.")
-                    admit(member.name, member.size)
-                    dest = os.path.join(root, member.name)
-                    if member.isdir():
-                        os.makedirs(dest, exist_ok=True)
-                        continue
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    src = t.extractfile(member)
-                    with open(dest, "xb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        else:
-            raise UnsupportedFile(f"{desc[:1].upper() + desc[1:]} is not a .zip or .tar(.gz) archive.")
+        for name, size, kind, open_entry in _entries(archive, desc):
+            if kind == "other":
+                raise BadInput(f"{_sentence(desc)} holds a link or special file: refused.")
+            admit(name, size)
+            dest = os.path.join(root, name)
+            if kind == "dir":
+                os.makedirs(dest, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            written = 0
+            with open_entry() as src, open(dest, "xb") as out:
+                while True:  # the declared size can lie: count what really comes out
+                    block = src.read(1 << 20)
+                    if not block:
+                        break
+                    written += len(block)
+                    if written > size:
+                        raise TooLarge(f"{_sentence(desc)} holds an entry larger than it declares.")
+                    out.write(block)
     except (BadInput, TooLarge, UnsupportedFile):
         shutil.rmtree(root, ignore_errors=True)
         raise
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, RuntimeError) as e:
         shutil.rmtree(root, ignore_errors=True)
-        raise BadInput(f"{desc[:1].upper() + desc[1:]} could not be unpacked: {type(e).__name__}") from None
+        raise BadInput(f"{_sentence(desc)} could not be unpacked: {type(e).__name__}") from None
 
 
 def check_session_input(path: str, limits: Limits, desc: str) -> None:
@@ -143,19 +140,19 @@ def check_session_input(path: str, limits: Limits, desc: str) -> None:
         if len(volumes) == 1:
             check_volume_file(volumes[0], limits, desc)
             return
-        raise BadInput(f"{desc[:1].upper() + desc[1:]} holds {len(volumes)} files and no DICOM series.")
+        raise BadInput(f"{_sentence(desc)} holds {len(volumes)} files and no DICOM series.")
     total, frames = 0, 0
     for f in dicoms:
         n, nbytes = check_dicom_file(f, limits, desc)
         frames, total = frames + n, total + nbytes
         if total > limits.max_image_bytes:
             raise TooLarge(
-                f"{desc[:1].upper() + desc[1:]} holds a DICOM series of more than {_mb(limits.max_image_bytes)} "
+                f"{_sentence(desc)} holds a DICOM series of more than {_mb(limits.max_image_bytes)} "
                 f"decoded (--conf max_image_mb)."
             )
     if frames <= 1:
         raise UnsupportedFile(
-            f"{desc[:1].upper() + desc[1:]} holds a single DICOM slice, not a volume: send the whole series."
+            f"{_sentence(desc)} holds a single DICOM slice, not a volume: send the whole series."
         )
 
 
