@@ -359,6 +359,18 @@ def test_truncated_index_is_recovered_from_its_last_good_copy(store):
     assert sorted(rebuilt.list_images()) == ["linked", "own"]
 
 
+def test_index_written_by_another_process_is_reloaded(store):
+    """Training and scoring subprocesses write the index (by rename now): the server's datastore sees it."""
+    ds, studies, dataset, vol, affine = store
+    ext = ["*.nii.gz", "*.nii", "*.nrrd"]
+    server = CheckedLocalDatastore(str(studies), extensions=ext, auto_reload=True)
+    try:
+        CheckedLocalDatastore(str(studies), extensions=ext).update_image_info("own", {"mc_dropout_score": 0.5})
+        wait_for(lambda: server.get_image_info("own").get("mc_dropout_score") == 0.5, 10, "the reload", 0.1)
+    finally:
+        server._observer.stop()
+
+
 def test_body_limit_answers_413_without_reading_the_rest():
     import asyncio
 
@@ -524,7 +536,9 @@ def test_server_paths_stay_inside_their_folders(srv):
         ("infer image=<server path>", "POST", f"/infer/{MODEL}?image={secret}", None, 422),
         ("infer session_id=../sentinel", "POST", f"/infer/{MODEL}?session_id=..%2Fsentinel", None, 404),
         ("infer params image=<server path>", "POST", f"/infer/{MODEL}?image=colin_a",
-         {"params": (None, json.dumps({"image": str(secret)}))}, 404),
+         {"params": (None, json.dumps({"image": str(secret)}))}, 422),
+        ("infer params label=<server path>", "POST", f"/infer/{MODEL}?image=colin_a",
+         {"params": (None, json.dumps({"label": str(secret)}))}, 422),
         ("WSI infer image=<server path>", "POST", f"/infer/wsi/{MODEL}?image={secret}", None, 415),
         ("DELETE dataset-linked image", "DELETE", "/datastore/image?id=linked", None, 403),
         ("PUT other volume as linked", "PUT", "/datastore/image?image=linked", _upload(vol), 409),
@@ -570,6 +584,7 @@ def test_server_memory_probes_are_refused_before_decoding(srv):
             ("POST /infer file", f"/infer/{MODEL}", "file"),
             ("PUT /session/", "/session/", "files"),
             ("PUT /datastore/label", "/datastore/label?image=colin_a&tag=final", "label"),
+            ("POST /infer scribbles label", f"/infer/{MODEL}_scribbles?image=colin_a", "label"),
         ):
             body = _watched(c, f"{name} -> {route}", lambda: _raw(c, "PUT" if "PUT" in route else "POST", selector,
                                                                files=_upload(path, field)), 413, rss_bound_mb=300)

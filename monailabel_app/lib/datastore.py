@@ -59,6 +59,15 @@ class CheckedLocalDatastore(LocalDatastore):
         self.label_values = label_values
         self.limits = limits or Limits()
         super().__init__(*args, **kwargs)
+        handler = getattr(self, "_handler", None)  # auto-reload: the index now arrives by rename, not in place
+        if handler is not None:
+            handler.on_moved = self._on_index_replaced
+
+    def _on_index_replaced(self, event) -> None:
+        """Another process (training, scoring) replaced the index: reload it (a no-op for our own writes, whose
+        mtime is already known)."""
+        if os.path.realpath(getattr(event, "dest_path", "") or "") == os.path.realpath(self._datastore_config_path):
+            self._init_from_datastore_file()
 
     # ------------------------------------------------------------------------------------------ the index
     def _update_datastore_file(self, lock: bool = True) -> None:

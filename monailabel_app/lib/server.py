@@ -402,7 +402,9 @@ def safe_upload_endpoints(limits) -> bool:
     from monailabel.endpoints.user.auth import RBAC, User
     from monailabel.interfaces.utils.app import app_instance
 
-    from .errors import AppError
+    from fastapi import HTTPException
+
+    from .errors import BadInput
 
     annotator = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
 
@@ -447,9 +449,9 @@ def safe_upload_endpoints(limits) -> bool:
     ):
         sessions = app_instance().sessions()
         if sessions is None:
-            raise AppError("Sessions are not enabled on this server.")
+            raise HTTPException(status_code=406, detail="Sessions are not enabled on this server.")
         if not files:
-            raise AppError("No file was sent.")
+            raise BadInput("No file was sent.")
         with _Received(limits) as received:
             paths = [received.take(f, i) for i, f in enumerate(files)]
             session_id, info = sessions.add_session(paths[0] if len(paths) == 1 else received.folder, expiry, uncompress)
@@ -469,6 +471,7 @@ def safe_upload_endpoints(limits) -> bool:
 
 
 _request_volumes = threading.local()
+REQUEST_FILE_KEYS = {"image", "label", "session", "image_path", "file", "model_filename"}  # paths in a request
 
 
 def is_request_volume(path: str) -> bool:
@@ -486,6 +489,7 @@ def infer_inputs_only_from_request(limits) -> bool:
     from monailabel.endpoints import infer as infer_endpoint
     from monailabel.interfaces.utils.app import app_instance
 
+    from .errors import BadInput
     from .imageio import check_volume_file
     from .uploads import safe_name
 
@@ -496,6 +500,9 @@ def infer_inputs_only_from_request(limits) -> bool:
     def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
         if image and not file and not session_id:
             safe_name(image, "image id")
+        named = sorted(set(_json_object(params, "params")) & REQUEST_FILE_KEYS)
+        if named:  # monailabel copies params over the request: they would replace the files it was given
+            raise BadInput(f"'params' may not set {', '.join(named)}: send the volume or label as a file or session.")
         with _Received(limits) as received:
             allowed = set()
             if file:
@@ -503,6 +510,9 @@ def infer_inputs_only_from_request(limits) -> bool:
                 check_volume_file(path, limits, _described(file, "volume"))
                 allowed.add(os.path.realpath(path))
                 image = path
+            if label and not (label.filename or "").lower().endswith(".bin"):  # strokes or segment (Slicer)
+                check_volume_file(received.take(label, 1), limits, _described(label, "label"))
+                label.file.seek(0)  # monailabel's own copy follows
             if session_id:
                 sessions = app_instance().sessions()
                 session = sessions.get_session(session_id, update_ts=False) if sessions is not None else None
