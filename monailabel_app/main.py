@@ -15,7 +15,7 @@ from typing import Any, Dict
 import medurwkv
 from lib.configs import MedURWKVConfig
 from lib.datastore import CheckedLocalDatastore
-from lib.errors import NotFound, UnsupportedFile
+from lib.errors import NotFound
 from lib.imageio import Limits, check_image_suffix
 from lib.scoring.mc_dropout import KEY_MODEL
 from lib.server import bind_loopback_by_default, make_infer_non_blocking, one_training_at_a_time
@@ -118,10 +118,6 @@ class MedURWKVApp(MONAILabelApp):
                         f"upload it (PUT /datastore/image) or send it as a file or session."
                     )
         return super().infer(request, datastore)
-
-    def infer_wsi(self, request, datastore=None):
-        """The WSI endpoints would read a whole-slide image from any server path they are given; none here."""
-        raise UnsupportedFile("This app segments 3D volumes: whole-slide (WSI) inference is not available.")
 
     def async_scoring(self, method, params=None):
         """MONAI Label re-scores after every training and every "Next Sample", each time in a new subprocess;
