@@ -601,7 +601,7 @@ def test_server_memory_probes_are_refused_before_decoding(srv):
         r = conn.getresponse()
         return r.status, r.read().decode()
 
-    _watched(c, "Content-Length 10 GB", lying_length, 413, rss_bound_mb=100)
+    assert "max_upload_mb" in _watched(c, "Content-Length 10 GB", lying_length, 413, rss_bound_mb=100)
     assert "probe" not in c.client.datastore()["objects"]
     assert not _leftovers(c)
 

@@ -308,16 +308,18 @@ class BodyLimit:
 
 
 def limit_request_body(limits) -> bool:
-    """Wrap the running server's ASGI stack in :class:`BodyLimit` (the stack is built when the server starts,
-    before the app exists, so Starlette's ``add_middleware`` is too late)."""
+    """Put :class:`BodyLimit` first in the running server's middleware and rebuild its stack (the stack is built
+    when the server starts, before the app exists, so Starlette's ``add_middleware`` is too late). It stays in
+    ``user_middleware``, so a later rebuild of the stack keeps it."""
     app_module = sys.modules.get("monailabel.app")
     if app_module is None:
         return False
+    from starlette.middleware import Middleware
+
     fastapi_app = app_module.app
-    if fastapi_app.middleware_stack is None:
-        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
-    if not isinstance(fastapi_app.middleware_stack, BodyLimit):
-        fastapi_app.middleware_stack = BodyLimit(fastapi_app.middleware_stack, limits.max_upload_bytes + (1 << 20))
+    others = [m for m in fastapi_app.user_middleware if getattr(m, "cls", None) is not BodyLimit]
+    fastapi_app.user_middleware = [Middleware(BodyLimit, limit=limits.max_upload_bytes + (1 << 20))] + others
+    fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     return True
 
 
