@@ -16,11 +16,13 @@ import medurwkv
 from lib.configs import MedURWKVConfig
 from lib.datastore import CheckedLocalDatastore
 from lib.errors import BadInput, NotFound, image_not_found
-from lib.imageio import check_image_suffix
-from lib.scoring.mc_dropout import KEY_MODEL
+from lib.imageio import Limits, check_image_suffix
 from lib.options import COMMON, check_options
+from lib.scoring.mc_dropout import KEY_MODEL
 from lib.server import bind_loopback_by_default, make_infer_non_blocking, one_training_at_a_time, secure_server
+from lib.server import infer_inputs_only_from_request, is_request_volume, limit_request_body, safe_upload_endpoints
 from lib.studies import resolve_studies
+from lib.uploads import CheckedSessions
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -40,6 +42,7 @@ MODEL = "medurwkv"
 class MedURWKVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         host = bind_loopback_by_default()
+        self.limits = Limits.from_conf(conf)  # sizes of uploads, volumes and archives (README: Files and limits)
         self.model = MedURWKVConfig()
         self.model.init(MODEL, os.path.join(app_dir, "model"), conf)
         logger.info(f"Med-URWKV bundle: {self.model.bundle_path}; weights: {self.model.path}")
@@ -53,7 +56,15 @@ class MedURWKVApp(MONAILabelApp):
         )
         make_infer_non_blocking()
         one_training_at_a_time()
-        secure_server(app_dir, conf, host, roots=[self.model.bundle_path])
+        limit_request_body(self.limits)
+        safe_upload_endpoints(self.limits)
+        infer_inputs_only_from_request(self.limits)
+        secure_server(app_dir, conf, host, roots=[self.model.bundle_path])  # rebuilds the stack, keeping the body limit
+
+    def _load_sessions(self, load=False):
+        if not load:
+            return None
+        return CheckedSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY, self.limits)
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -64,6 +75,7 @@ class MedURWKVApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             label_values=self.model.channel_def,
+            limits=self.limits,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
@@ -97,7 +109,7 @@ class MedURWKVApp(MONAILabelApp):
             raise NotFound(f"Model '{model}' does not exist; available: {', '.join(self._infers) or 'none'}.")
         image = request.get("image")
         if isinstance(image, str):
-            if os.path.exists(image):  # an uploaded file or a session volume (a path on this server)
+            if is_request_volume(image):  # this request's uploaded file or session volume, never a path sent
                 name = request.get("source_name") or os.path.basename(image)
                 check_image_suffix(image, f"the uploaded file '{name}'")
             else:
@@ -161,6 +173,8 @@ class MedURWKVApp(MONAILabelApp):
     def on_init_complete(self):
         """Runs in the server only (not in training/scoring subprocesses)."""
         super().on_init_complete()
+        if isinstance(self._datastore, CheckedLocalDatastore):
+            self._datastore.remove_stale_temp_files()  # of label/index writes a kill -9 interrupted
         task = self._infers[MODEL]
         weights = self.model.weights()
         if not weights["available"]:

@@ -244,7 +244,6 @@ def test_answers_and_logs_hold_no_server_paths_ids_or_upload_names(sec, tmp_path
               files={"files": (named.name, f)})
     logs = probe(sec, "GET /logs/ with token", "GET", "/logs/?text=true&lines=5000", 200).text
     assert "Doe_Jane" not in logs and "Doe_Jane" not in sec.server.log()
-    assert "filename=<upload>" in sec.server.log()
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -319,8 +318,9 @@ def test_killed_server_restarted_refuses_training_while_the_orphan_runs(trained)
         assert status_of(e.value) == 429 and f"process {orphan}" in e.value.msg, e.value.msg
         trainers = {
             p.pid: p.info["ppid"]
-            for p in psutil.process_iter(["cmdline", "ppid"])
+            for p in psutil.process_iter(["cmdline", "ppid", "cwd"])
             if p.info["cmdline"] and "monailabel.interfaces.utils.app" in p.info["cmdline"] and "train" in p.info["cmdline"]
+            and p.info["cwd"] == str(c.root)  # this module's server only (other suites may train on this machine)
         }
         roots = [pid for pid, parent in trainers.items() if parent not in trainers]  # forked workers: same cmdline
         assert roots == [orphan], trainers  # one training writes model.pt

@@ -55,3 +55,21 @@ def image_not_found(image_id: str) -> NotFound:
         f"Image '{shown}' is not in the datastore: give the id of a datastore image, upload the volume "
         f"(PUT /datastore/image) or send it as a file or session."
     )
+
+
+class Forbidden(AppError):
+    """The request would modify something the server only reads (a volume linked from a dataset folder)."""
+
+    status = 403
+
+
+class Conflict(AppError):
+    """The request would replace different data stored under the same name (another patient's volume)."""
+
+    status = 409
+
+
+class TooLarge(AppError):
+    """An upload, a volume (by its header) or an archive is over the server's size limits."""
+
+    status = 413

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -560,4 +561,313 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
         f"Requests: Host must be one of {hosts}; web origins allowed: {origins or 'none (no CORS)'}; "
         f"login: {'on' if auth else 'off'}"
     )
+# ==================================================================================== files: names, sizes, uploads
+# monailabel 0.8.5's upload endpoints (PUT /datastore/image, PUT /datastore/label, PUT /session/, and the file of
+# POST /infer/{model}) copy the request body to temporary files they only remove when the request succeeds, use
+# request values as file names and paths, read every size the client sends, and (datastore, session) run their
+# checks inside ``async`` endpoints, on the event loop. The functions below, wired once each in main.py:
+# - limit_request_body: every request body is counted as it arrives; over ``max_upload_mb`` it is a 413 and the
+#   rest is not read (a Content-Length over the limit is refused before reading anything);
+# - safe_upload_endpoints: the three PUT endpoints re-registered as plain functions (FastAPI runs them in its
+#   thread pool, so a 105 MB label check does not stall /info/), writing uploads to a private temporary folder
+#   that is removed on every path, success or error, and never logging upload names;
+# - infer_inputs_only_from_request: POST /infer/{model} reads its file the same way and checks it before
+#   decoding; ``image=`` is a datastore id only. The app's ``infer`` accepts a path only when it is this
+#   request's own upload or session volume (:func:`is_request_volume`), never a path a client names.
+FILES_PATCHED_VERSIONS = ("0.8.5",)  # what the endpoint signatures below were written against
+
+
+def _check_monailabel_version(what: str) -> bool:
+    import monailabel
+
+    version = getattr(monailabel, "__version__", "?")
+    if not str(version).startswith(FILES_PATCHED_VERSIONS):
+        logger.warning(f"{what}: written for monailabel {', '.join(FILES_PATCHED_VERSIONS)}, found {version}")
+        return False
+    return True
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over ``limit`` bytes is answered 413 and not read further."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, int(limit)
+
+    async def _reply_413(self, send, received: Optional[int] = None) -> None:
+        from .imageio import _mb
+
+        size = f" ({_mb(received)} or more)" if received else ""
+        body = json.dumps(
+            {"detail": f"The request body is too large{size}: this server accepts at most {_mb(self.limit)} per "
+             f"request (--conf max_upload_mb)."}
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared > self.limit:
+                return await self._reply_413(send, declared)
+        received, too_big, started = 0, False, False
+
+        async def counted_receive():
+            nonlocal received, too_big
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    too_big = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if too_big:  # the app's own answer to the aborted body is dropped: the 413 below replaces it
+                return
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not too_big:
+                raise
+        if too_big and not started:
+            await self._reply_413(send, received)
+
+
+def limit_request_body(limits) -> bool:
+    """Put :class:`BodyLimit` first in the running server's middleware and rebuild its stack (the stack is built
+    when the server starts, before the app exists, so Starlette's ``add_middleware`` is too late). It stays in
+    ``user_middleware``, so a later rebuild of the stack keeps it."""
+    app_module = sys.modules.get("monailabel.app")
+    if app_module is None:
+        return False
+    from starlette.middleware import Middleware
+
+    fastapi_app = app_module.app
+    others = [m for m in fastapi_app.user_middleware if getattr(m, "cls", None) is not BodyLimit]
+    fastapi_app.user_middleware = [Middleware(BodyLimit, limit=limits.max_upload_bytes + (1 << 20))] + others
+    fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    return True
+
+
+_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".seg.nrrd", ".zip", ".tar.gz", ".tgz", ".tar")
+
+
+class _Received:
+    """The uploaded file(s) of one request in a private temporary folder, removed when the block ends."""
+
+    def __init__(self, limits):
+        self.limits = limits
+        self.folder = tempfile.mkdtemp(prefix="medurwkv-upload-")
+
+    def take(self, upload, index: int = 0) -> str:
+        from .errors import TooLarge
+        from .imageio import _mb
+
+        name = os.path.basename((upload.filename or "").replace("\\", "/")).lower()
+        suffix = next((s for s in sorted(_UPLOAD_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+        if not suffix and name.endswith((".nhdr", ".mhd")):  # refused later with a message, by its suffix
+            suffix = os.path.splitext(name)[1]
+        path = os.path.join(self.folder, f"upload{index}{suffix}")
+        written = 0
+        with open(path, "xb") as out:
+            while True:
+                block = upload.file.read(1 << 20)
+                if not block:
+                    break
+                written += len(block)
+                if written > self.limits.max_upload_bytes:
+                    raise TooLarge(f"The upload is larger than {_mb(self.limits.max_upload_bytes)} (--conf max_upload_mb).")
+                out.write(block)
+        return path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return False
+
+
+def _json_object(text: str, what: str) -> dict:
+    from .errors import BadInput
+
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        raise BadInput(f"'{what}' is not valid JSON.") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"'{what}' must be a JSON object.")
+    return value
+
+
+def _described(upload, what: str) -> str:
+    """"the uploaded file 'x.nii.gz'" for messages to the client that sent it (never logged)."""
+    name = os.path.basename((upload.filename or "").replace("\\", "/"))
+    return f"the uploaded file '{name}'" if name else f"the uploaded {what}"
+
+
+def _id_from_filename(filename: Optional[str]) -> str:
+    name = os.path.basename((filename or "").replace("\\", "/"))
+    for s in sorted(_UPLOAD_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def safe_upload_endpoints(limits) -> bool:
+    """Re-register PUT /datastore/image (and its deprecated PUT /datastore/), PUT /datastore/label and
+    PUT /session/ (see the block comment above)."""
+    app_module = sys.modules.get("monailabel.app")
+    if app_module is None:
+        return False
+    _check_monailabel_version("safe_upload_endpoints")
+    from typing import List
+
+    from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
+    from monailabel.config import settings
+    from monailabel.endpoints import datastore as ds_endpoint
+    from monailabel.endpoints import session as session_endpoint
+    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.interfaces.utils.app import app_instance
+
+    from fastapi import HTTPException
+
+    from .errors import BadInput
+
+    annotator = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
+
+    def api_add_image(
+        background_tasks: BackgroundTasks,
+        image: Optional[str] = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = annotator,
+    ):
+        save_params = _json_object(params, "params")
+        if user and user.username:
+            save_params["user"] = user.username
+        with _Received(limits) as received:
+            path = received.take(file)
+            image_id = app_instance().datastore().add_image(image or _id_from_filename(file.filename), path, save_params)
+        return {"image": image_id}
+
+    def api_save_label(
+        background_tasks: BackgroundTasks,
+        image: str,
+        params: str = Form("{}"),
+        tag: str = "final",
+        label: UploadFile = File(...),
+        user: User = annotator,
+    ):
+        save_params = _json_object(params, "params")
+        instance = app_instance()
+        with _Received(limits) as received:
+            path = received.take(label)
+            label_id = instance.datastore().save_label(image, path, tag or "final", save_params)
+        res = instance.on_save_label(image, label_id) or {}
+        res.update({"image": image, "label": label_id})
+        return res
+
+    def api_create_session(
+        background_tasks: BackgroundTasks,
+        uncompress: bool = False,
+        expiry: int = 0,
+        files: List[UploadFile] = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        sessions = app_instance().sessions()
+        if sessions is None:
+            raise HTTPException(status_code=406, detail="Sessions are not enabled on this server.")
+        if not files:
+            raise BadInput("No file was sent.")
+        with _Received(limits) as received:
+            paths = [received.take(f, i) for i, f in enumerate(files)]
+            session_id, info = sessions.add_session(paths[0] if len(paths) == 1 else received.folder, expiry, uncompress)
+        return {"session_id": session_id, "session_info": info.to_json()}
+
+    n = _replace_route(ds_endpoint.router, ds_endpoint.api_add_image, api_add_image)
+    n += _replace_route(app_module.app.router, ds_endpoint.api_add_image, api_add_image)
+    n += _replace_route(ds_endpoint.router, ds_endpoint.api_save_label, api_save_label)
+    n += _replace_route(app_module.app.router, ds_endpoint.api_save_label, api_save_label)
+    n += _replace_route(session_endpoint.router, session_endpoint.api_create_session, api_create_session)
+    n += _replace_route(app_module.app.router, session_endpoint.api_create_session, api_create_session)
+    app_module.app.openapi_schema = None
+    if n < 4:
+        logger.warning(f"safe_upload_endpoints: only {n} of the upload routes were found and replaced")
+        return False
+    return True
+
+
+_request_volumes = threading.local()
+REQUEST_FILE_KEYS = {"image", "label", "session", "image_path", "file", "model_filename"}  # paths in a request
+
+
+def is_request_volume(path: str) -> bool:
+    """Whether ``path`` is the uploaded file or the session volume of the inference request being served in
+    this thread (the only server paths ``infer`` may read besides datastore images)."""
+    allowed = getattr(_request_volumes, "paths", ())
+    return isinstance(path, str) and os.path.isabs(path) and os.path.realpath(path) in allowed
+
+
+def infer_inputs_only_from_request(limits) -> bool:
+    """Wrap ``monailabel.endpoints.infer.run_inference`` (what POST /infer/{model} calls; see the block comment)."""
+    if sys.modules.get("monailabel.app") is None:
+        return False
+    _check_monailabel_version("infer_inputs_only_from_request")
+    from monailabel.endpoints import infer as infer_endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    from .errors import BadInput
+    from .imageio import check_volume_file
+    from .uploads import safe_name
+
+    original = infer_endpoint.run_inference
+    if getattr(original, "_inputs_from_request", False):
+        return True
+
+    def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
+        if image and not file and not session_id:
+            safe_name(image, "image id")
+        named = sorted(set(_json_object(params, "params")) & REQUEST_FILE_KEYS)
+        if named:  # monailabel copies params over the request: they would replace the files it was given
+            raise BadInput(f"'params' may not set {', '.join(named)}: send the volume or label as a file or session.")
+        with _Received(limits) as received:
+            allowed = set()
+            if file:
+                path = received.take(file)
+                check_volume_file(path, limits, _described(file, "volume"))
+                allowed.add(os.path.realpath(path))
+                image = path
+            if label and not (label.filename or "").lower().endswith(".bin"):  # strokes or segment (Slicer)
+                check_volume_file(received.take(label, 1), limits, _described(label, "label"))
+                label.file.seek(0)  # monailabel's own copy follows
+            if session_id:
+                sessions = app_instance().sessions()
+                session = sessions.get_session(session_id, update_ts=False) if sessions is not None else None
+                if session is not None:
+                    allowed.add(os.path.realpath(session.image))
+            _request_volumes.paths = allowed
+            try:
+                return original(background_tasks, model, image, session_id, params, None, label, output)
+            finally:
+                _request_volumes.paths = ()
+
+    run_inference._inputs_from_request = True  # type: ignore[attr-defined]
+    infer_endpoint.run_inference = run_inference
     return True

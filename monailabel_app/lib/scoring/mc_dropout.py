@@ -18,6 +18,8 @@ Method (the choice is documented in the README):
 Written with ``datastore.update_image_info``: ``mc_dropout_score`` (the value the strategy sorts on),
 ``mc_dropout_model`` (mtime of the weights used; volumes already scored with the current weights are skipped)
 and ``mc_dropout`` (details: entropy, mutual information, foreground fraction, passes, slices, dropout, time).
+A volume that cannot be read or scored gets ``mc_dropout = {"error": ...}`` and no score (the strategy serves
+it after the scored ones); the others are still scored.
 
 MONAI Label's ``EpistemicScoring`` is not used: it reruns the whole infer pipeline per pass (full volume,
 inversion, post-processing) with the network in ``train()`` mode, which also switches BatchNorm to batch
@@ -101,10 +103,20 @@ class MCDropoutScoring(ScoringMethod):
         passes = int(request.get("passes", self.passes))
         max_slices = int(request.get("max_slices", self.max_slices))
 
-        scores = {}
+        scores, failed = {}, {}
         for image_id in todo:
             t0 = time.time()
-            detail = self.score_volume(datastore.get_image_uri(image_id), device, passes, max_slices)
+            try:
+                detail = self.score_volume(datastore.get_image_uri(image_id), device, passes, max_slices)
+            except Exception as e:  # one unreadable volume must not stop the scoring of the others
+                reason = f"{type(e).__name__}: {e}".replace(datastore.get_image_uri(image_id), image_id)[:500]
+                failed[image_id] = reason
+                # recorded with the weights' stamp (not retried until new weights) and no score (served last)
+                datastore.update_image_info(
+                    image_id, {KEY_SCORE: None, KEY_MODEL: stamp, KEY_DETAIL: {"error": reason, "ts": int(time.time())}}
+                )
+                logger.warning(f"MC-dropout: {image_id} could not be scored, going on with the others: {reason}")
+                continue
             detail["seconds"] = round(time.time() - t0, 2)
             datastore.update_image_info(image_id, {KEY_SCORE: detail["score"], KEY_MODEL: stamp, KEY_DETAIL: detail})
             scores[image_id] = detail["score"]
@@ -115,6 +127,7 @@ class MCDropoutScoring(ScoringMethod):
             "executed": len(todo),
             "skipped": len(unlabeled) - len(todo),
             "scores": scores,
+            "failed": failed,
             "latency": round(time.time() - start, 2),
         }
         logger.info(f"MC-dropout scoring: {summary}")
