@@ -9,19 +9,18 @@ which old mmcv checkpoints can hold in their ``meta`` (plain data, no code).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from .files import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -30,8 +29,6 @@ __all__ = [
     "load_state_dict_strict",
     "model_name",
     "save_weights",
-    "atomic_write",
-    "write_json_atomic",
     "file_stamp",
     "sha256sum",
 ]
@@ -139,40 +136,14 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(state_dict, strict=True)
 
 
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; once the block has written it, fsync it and rename it onto
-    ``path`` (readers see the old file or the new one, never a partial one). On error the temp file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: PathLike, obj: Any) -> None:
-    """``json.dump`` to ``path`` through ``atomic_write``."""
-    with atomic_write(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Dict[str, str] | None = None) -> str:
-    """Write tensor-only weights atomically (``atomic_write``) and return the file's sha256.
+    """Write tensor-only weights atomically (``medurwkv.files.atomic_path``) and return the file's sha256.
 
     ``.safetensors`` paths are written with safetensors (``metadata`` goes into its header); any other
     suffix with ``torch.save`` of a plain dict of tensors (loadable with ``weights_only=True``)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_write(path) as tmp:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 

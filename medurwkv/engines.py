@@ -19,7 +19,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 
-from .checkpoint import file_stamp, write_json_atomic
+from .checkpoint import file_stamp
+from .files import write_json_atomic
 
 __all__ = ["FreezeEncoderHandler", "AtomicCheckpointSaver", "ResumeTraining", "ProgressBar"]
 

@@ -8,14 +8,17 @@ durable. A failure at any point removes the temporary file and leaves the destin
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
-from typing import Callable, IO, Union
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_copy"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_copy", "write_json_atomic"]
 
 
 def _fsync_dir(folder: str) -> None:
@@ -31,27 +34,36 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(f)`` on a temporary binary file next to ``path``, then fsync it and rename it to ``path``.
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (for writers that take a path: ``torch.save``, safetensors); once
+    the block has written it, fsync it and rename it onto ``path``. On error the temporary file is removed.
 
     The temporary name starts with ``.`` and ends with ``.tmp`` so that folder scans for volumes ignore it.
     If ``path`` is a symbolic link, the link itself is replaced (its target is never written)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    path = Path(path)
+    folder = path.absolute().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(str(folder))
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(f)`` on a temporary binary file next to ``path``, then fsync it and rename it to ``path``
+    (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -66,3 +78,8 @@ def atomic_copy(src: PathLike, dst: PathLike) -> None:
             shutil.copyfileobj(s, f, 1 << 20)
 
     atomic_write(dst, write)
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> None:
+    """``json.dump`` to ``path`` atomically (see :func:`atomic_path`)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())

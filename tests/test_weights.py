@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from medurwkv.checkpoint import CheckpointError, atomic_write, file_stamp, load_state_dict_strict, write_json_atomic
+from medurwkv.checkpoint import CheckpointError, file_stamp, load_state_dict_strict
+from medurwkv.files import atomic_path, write_json_atomic
 
 
 def test_strict_load_names_the_file_and_what_differs():
@@ -47,7 +48,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "stats.json"
     write_json_atomic(path, {"epoch": 1})
     with pytest.raises(RuntimeError):
-        with atomic_write(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text('{"epoch": ')
             raise RuntimeError("disk full")
     assert json.loads(path.read_text()) == {"epoch": 1}
