@@ -395,5 +395,5 @@ class LoadImage2dd(LoadVolumed):
     def _wrap(img: Any, classes: torch.Tensor) -> Any:
         out = classes.to(torch.uint8)[None]
         if isinstance(img, MetaTensor):
-            return MetaTensor(out, affine=img.affine, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+            return MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations))
         return out
