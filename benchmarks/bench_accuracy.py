@@ -7,8 +7,8 @@
 Data: a MONAI datalist of 2D images and masks (default: the 3-class MNI152 set in ``sample_data/2d``, built
 by ``sample_data/build_2d.py``); trains on ``training``, scores ``test``. Every network gets:
 
-* the same input: ``medurwkv.data2d.LoadImage2dd`` (grayscale replicated to RGB), resized to ``--size``,
-  ImageNet-normalised (as ``bundle2d``), the same random flips/affine, the same batches in the same order;
+* the same input: ``medurwkv.data2d.LoadImage2dd`` (grayscale replicated to RGB; ``--in_channels 1`` gives
+  every network a one-channel input instead), resized to ``--size``, ImageNet-normalised (as ``bundle2d``), the same random flips/affine, the same batches in the same order;
 * the same recipe: AdamW (``--lr``, weight decay 0.01), DiceCE loss, poly LR decay over ``--steps`` steps of
   ``--batch`` images; with a pretrained encoder, Med-URWKV's encoder is frozen for the first ``--freeze_steps``;
 * BatchNorm running statistics recalibrated after training (reset, then a cumulative average over
@@ -48,20 +48,21 @@ def networks(n_classes: int, args) -> Dict[str, Callable[[], nn.Module]]:
 
     from medurwkv.nets.medurwkv import MedURWKV
 
+    c = args.in_channels
     nets: Dict[str, Callable[[], nn.Module]] = {
-        "Med-URWKV-T (adapter)": lambda: MedURWKV(3, n_classes, "tiny", "adapter"),
-        "Med-URWKV-T (plain)": lambda: MedURWKV(3, n_classes, "tiny", "plain"),
+        "Med-URWKV-T (adapter)": lambda: MedURWKV(c, n_classes, "tiny", "adapter"),
+        "Med-URWKV-T (plain)": lambda: MedURWKV(c, n_classes, "tiny", "plain"),
     }
     if args.pretrained_encoder:
-        nets["Med-URWKV-T (adapter, pretrained)"] = lambda: MedURWKV(3, n_classes, "tiny", "adapter", pretrained_encoder=args.pretrained_encoder)
+        nets["Med-URWKV-T (adapter, pretrained)"] = lambda: MedURWKV(c, n_classes, "tiny", "adapter", pretrained_encoder=args.pretrained_encoder)
     if args.pretrained_encoder_plain:
-        nets["Med-URWKV-T (plain, pretrained)"] = lambda: MedURWKV(3, n_classes, "tiny", "plain", pretrained_encoder=args.pretrained_encoder_plain)
+        nets["Med-URWKV-T (plain, pretrained)"] = lambda: MedURWKV(c, n_classes, "tiny", "plain", pretrained_encoder=args.pretrained_encoder_plain)
     nets.update(
         {
-            "BasicUNet": lambda: BasicUNet(spatial_dims=2, in_channels=3, out_channels=n_classes),
-            "SegResNet": lambda: SegResNet(spatial_dims=2, in_channels=3, out_channels=n_classes, init_filters=16),
-            "SwinUNETR (2D, feature 24)": lambda: SwinUNETR(in_channels=3, out_channels=n_classes, feature_size=24, spatial_dims=2),
-            "FlexibleUNet (efficientnet-b0)": lambda: FlexibleUNet(3, n_classes, backbone="efficientnet-b0", pretrained=False, spatial_dims=2),
+            "BasicUNet": lambda: BasicUNet(spatial_dims=2, in_channels=c, out_channels=n_classes),
+            "SegResNet": lambda: SegResNet(spatial_dims=2, in_channels=c, out_channels=n_classes, init_filters=16),
+            "SwinUNETR (2D, feature 24)": lambda: SwinUNETR(in_channels=c, out_channels=n_classes, feature_size=24, spatial_dims=2),
+            "FlexibleUNet (efficientnet-b0)": lambda: FlexibleUNet(c, n_classes, backbone="efficientnet-b0", pretrained=False, spatial_dims=2),
         }
     )
     if args.only:
@@ -69,22 +70,22 @@ def networks(n_classes: int, args) -> Dict[str, Callable[[], nn.Module]]:
     return nets
 
 
-def load_cases(datalist: Path, key: str, n_classes: int) -> List[dict]:
+def load_cases(datalist: Path, key: str, n_classes: int, channels: int = 3) -> List[dict]:
     from monai.data import load_decathlon_datalist
 
     from medurwkv.data2d import LoadImage2dd
 
-    loader = LoadImage2dd(["image", "label"], label_keys="label", num_classes=n_classes)
+    loader = LoadImage2dd(["image", "label"], label_keys="label", num_classes=n_classes, channels=channels)
     items = load_decathlon_datalist(str(datalist), True, key, str(datalist.parent))
     return [loader(i) for i in items]
 
 
 def to_batch(cases: List[dict], size: int) -> tuple:
     """Images (ImageNet-normalised) and masks resized to size x size, as tensors."""
-    from medurwkv.data2d import IMAGENET_MEAN, IMAGENET_STD
+    from medurwkv.data2d import imagenet_stats
 
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    c = cases[0]["image"].shape[0]
+    mean, std = (torch.tensor(v).view(1, c, 1, 1) for v in imagenet_stats(c))
     x = torch.stack([F.interpolate(c["image"].as_tensor()[None].float(), (size, size), mode="bilinear", align_corners=False)[0] for c in cases])
     y = torch.stack([F.interpolate(c["label"].as_tensor()[None].float(), (size, size), mode="nearest")[0] for c in cases])
     return (x - mean) / std, y
@@ -205,6 +206,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--pretrained_encoder", default=None, help="official adapter checkpoint: adds a pretrained Med-URWKV (adapter) row")
     ap.add_argument("--pretrained_encoder_plain", default=None, help="official ImageNet checkpoint: adds a pretrained Med-URWKV (plain) row")
     ap.add_argument("--only", nargs="*", default=None, help="run only networks whose name contains one of these")
+    ap.add_argument("--in_channels", type=int, default=3, choices=(1, 3), help="3: grayscale replicated to RGB (bundle2d's rule); 1: one-channel stems")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -218,14 +220,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if n_classes < 2:
         ap.error("give --classes (the datalist has no 'labels')")
     classes = [labels.get(str(c), f"class {c}") for c in range(1, n_classes)]
-    train, test = load_cases(datalist, "training", n_classes), load_cases(datalist, "test", n_classes)
+    train = load_cases(datalist, "training", n_classes, args.in_channels)
+    test = load_cases(datalist, "test", n_classes, args.in_channels)
     print(f"{datalist}: {len(train)} training / {len(test)} test images, {n_classes} classes, size {args.size}", flush=True)
-    runs = []
-    t0 = time.time()
-    for seed in args.seeds:
-        for name, make in networks(n_classes, args).items():
-            runs.append(run_one(name, make, train, test, seed, args, n_classes))
-    md = table(runs, classes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {
@@ -234,15 +231,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         "train_images": len(train),
         "test_images": len(test),
         "classes": classes,
-        **{k: getattr(args, k) for k in ("size", "steps", "batch", "lr", "seeds", "recal_batches", "freeze_steps", "threads")},
+        **{k: getattr(args, k) for k in ("size", "steps", "batch", "lr", "seeds", "recal_batches", "freeze_steps", "in_channels", "threads")},
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "wall_s": time.time() - t0,
     }
-    for name, text in (("bench_accuracy.json", json.dumps({"setup": setup, "runs": runs}, indent=2)), ("bench_accuracy.md", md + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    runs: List[dict] = []
+    t0 = time.time()
+    for seed in args.seeds:
+        for name, make in networks(n_classes, args).items():
+            runs.append(run_one(name, make, train, test, seed, args, n_classes))
+            md = table(runs, classes)  # written after every run: an interrupted benchmark keeps what it measured
+            setup["wall_s"] = time.time() - t0
+            for fname, text in (("bench_accuracy.json", json.dumps({"setup": setup, "runs": runs}, indent=2)), ("bench_accuracy.md", md + "\n")):
+                tmp = out / f".{fname}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, out / fname)
     print(md)
 
 
