@@ -18,7 +18,9 @@ by ``sample_data/build_2d.py``); trains on ``training``, scores ``test``. Every 
 * the same scoring: logits resized back to each test image's original size (bilinear), argmax, and MONAI's
   ``DiceMetric`` / ``MeanIoU`` per foreground class against the original mask; the mean over classes.
 
-Writes ``bench_accuracy.json`` (every run) and ``bench_accuracy.md`` (mean +- std over seeds) under ``--out``.
+Writes ``bench_accuracy.json`` (every run) and ``bench_accuracy.md`` (mean +- std over seeds) under ``--out``,
+after every run. Seeds can run in parallel (one process or machine each, ``--seeds 1``) and be combined with
+``--merge s0/bench_accuracy.json s1/bench_accuracy.json ... --out DIR``.
 """
 
 from __future__ import annotations
@@ -192,6 +194,30 @@ def table(runs: List[dict], classes: List[str]) -> str:
     return "\n".join(lines)
 
 
+def _write(out: Path, setup: dict, runs: List[dict], classes: List[str]) -> str:
+    md = table(runs, classes)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, text in (("bench_accuracy.json", json.dumps({"setup": setup, "runs": runs}, indent=2)), ("bench_accuracy.md", md + "\n")):
+        tmp = out / f".{fname}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / fname)
+    return md
+
+
+def merge(files: List[str], out: Path) -> None:
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    keys = ("datalist", "size", "steps", "batch", "lr", "recal_batches", "freeze_steps", "in_channels", "classes")
+    first = parts[0]["setup"]
+    for f, p in zip(files, parts):
+        diff = [k for k in keys if p["setup"].get(k) != first.get(k)]
+        if diff:
+            raise SystemExit(f"{f}: settings {diff} differ from {files[0]}'s; only runs of one setup can be merged")
+    runs = [r for p in parts for r in p["runs"]]
+    setup = {**first, "seeds": sorted({r["seed"] for r in runs}), "merged_from": [p["setup"]["command"] for p in parts],
+             "wall_s": max(p["setup"].get("wall_s", 0) for p in parts)}
+    print(_write(out, setup, runs, first["classes"]))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datalist", default=str(DEFAULT_DATALIST))
@@ -209,7 +235,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--in_channels", type=int, default=3, choices=(1, 3), help="3: grayscale replicated to RGB (bundle2d's rule); 1: one-channel stems")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine bench_accuracy.json files of runs made "
+                    "with the same settings (e.g. one seed per machine) into one table; trains nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.size % 32:
         ap.error("--size must be a multiple of 32 (Med-URWKV and SwinUNETR need it)")
     torch.set_num_threads(args.threads)
@@ -224,7 +254,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     test = load_cases(datalist, "test", n_classes, args.in_channels)
     print(f"{datalist}: {len(train)} training / {len(test)} test images, {n_classes} classes, size {args.size}", flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     setup = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "datalist": str(datalist),
@@ -240,12 +269,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for seed in args.seeds:
         for name, make in networks(n_classes, args).items():
             runs.append(run_one(name, make, train, test, seed, args, n_classes))
-            md = table(runs, classes)  # written after every run: an interrupted benchmark keeps what it measured
             setup["wall_s"] = time.time() - t0
-            for fname, text in (("bench_accuracy.json", json.dumps({"setup": setup, "runs": runs}, indent=2)), ("bench_accuracy.md", md + "\n")):
-                tmp = out / f".{fname}.tmp"
-                tmp.write_text(text)
-                os.replace(tmp, out / fname)
+            md = _write(out, setup, runs, classes)  # after every run: an interrupted benchmark keeps what it measured
     print(md)
 
 

@@ -10,7 +10,7 @@ Sources:
 * ``sample_data/imagesTr``, ``labelsTr``, ``imagesTs``, ``labelsTs`` of this repository (the Colin27 and ITK
   KmeansTest heads, see ``sample_data/README.md``) -> ``heads/``: axial slices with binary brain masks
   (``NAME.png`` + ``NAME_mask.png``, 0/255, the BUSI layout).
-* the MNI ICBM152 2009c (nonlinear symmetric) T1 template and its grey- and white-matter probability maps
+* the MNI ICBM152 2009a (nonlinear symmetric) T1 template and its grey- and white-matter probability maps
   shipped inside the ``nilearn`` wheel (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``)
   -> ``mni152_3class/``: axial slices at 2 mm with index masks 0 background, 1 grey matter, 2 white matter,
   and ``dataset.json`` (split 0.6/0.2/0.2, seed 0, by ``medurwkv.data2d.build_datalist``).
@@ -158,7 +158,7 @@ def build_mni(out: Path, read) -> list[str]:
     base = out / "mni152_3class"
     names = []
     for z in _pick((label > 0).sum((0, 1)), MNI_SLICES, 0.3):
-        name = f"mni152_2009c_z{z:03d}"
+        name = f"mni152_2009a_z{z:03d}"
         _save_png(_png(x[:, :, z]), base / "images" / f"{name}.png")
         _save_png(_png(label[:, :, z]), base / "labels" / f"{name}.png")
         names.append(name)
