@@ -194,6 +194,39 @@ def table(runs: List[dict], classes: List[str]) -> str:
     return "\n".join(lines)
 
 
+def gray_stem_check(image: str, size: int = 128) -> None:
+    """Grayscale rule: the same encoder weights as an RGB stem fed the replicated image (per-channel ImageNet
+    statistics) and as timm's adapted one-channel stem (RGB filters summed, averaged statistics), same decoder.
+    Prints how far apart the two networks' outputs are."""
+    import tempfile
+
+    from medurwkv.data2d import LoadImage2dd, imagenet_stats
+    from medurwkv.nets.medurwkv import MedURWKV
+
+    torch.manual_seed(0)
+    for enc in ("plain", "adapter"):
+        n3 = MedURWKV(3, 3, "tiny", enc).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            f = os.path.join(tmp, "encoder.pt")
+            torch.save(n3.pretrained_module.state_dict(), f)
+            n1 = MedURWKV(1, 3, "tiny", enc, pretrained_encoder=f).eval()
+        stem = dict(n1.pretrained_module.named_parameters(prefix="encoder.backbone" if enc == "plain" else "encoder"))
+        s1 = n1.state_dict()
+        n1.load_state_dict({k: v for k, v in n3.state_dict().items() if k not in stem and v.shape == s1[k].shape}, strict=False)
+        out = []
+        for net, c in ((n3, 3), (n1, 1)):
+            x = LoadImage2dd("image", channels=c)({"image": image})["image"].as_tensor()[None]
+            x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
+            mean, std = (torch.tensor(v).view(1, c, 1, 1) for v in imagenet_stats(c))
+            with torch.no_grad():
+                out.append(net((x - mean) / std))
+        y3, y1 = out
+        rel = float((y1 - y3).norm() / y3.norm())
+        agree = float((y1.argmax(1) == y3.argmax(1)).float().mean())
+        n_diff = sum(p.numel() for p in n3.parameters()) - sum(p.numel() for p in n1.parameters())
+        print(f"{enc}: logits relative L2 difference {rel:.4f}, argmax agreement {agree:.4f}, one-channel stem saves {n_diff} parameters")
+
+
 def _write(out: Path, setup: dict, runs: List[dict], classes: List[str]) -> str:
     md = table(runs, classes)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +270,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine bench_accuracy.json files of runs made "
                     "with the same settings (e.g. one seed per machine) into one table; trains nothing")
+    ap.add_argument("--gray_stem_check", default=None, metavar="IMAGE", help="compare the two grayscale rules on IMAGE "
+                    "at init with the same weights (replicated RGB vs one-channel stem); trains nothing")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.gray_stem_check:
+        return gray_stem_check(args.gray_stem_check)
     if args.merge:
         return merge(args.merge, Path(args.out))
     if args.size % 32:
