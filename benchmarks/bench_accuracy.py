@@ -18,7 +18,8 @@ by ``sample_data/build_2d.py``); trains on ``training``, scores ``test``. Every 
 * the same scoring: logits resized back to each test image's original size (bilinear), argmax, and MONAI's
   ``DiceMetric`` / ``MeanIoU`` per foreground class against the original mask; the mean over classes.
 
-Writes ``bench_accuracy.json`` (every run) and ``bench_accuracy.md`` (mean +- std over seeds) under ``--out``,
+Writes ``bench_accuracy.json`` (every run), ``bench_accuracy.md`` (mean +- std over seeds) and
+``bench_accuracy.png`` (DSC and IoU per network, one dot per seed) under ``--out``,
 after every run. Seeds can run in parallel (one process or machine each, ``--seeds 1``) and be combined with
 ``--merge s0/bench_accuracy.json s1/bench_accuracy.json ... --out DIR``.
 """
@@ -234,7 +235,34 @@ def _write(out: Path, setup: dict, runs: List[dict], classes: List[str]) -> str:
         tmp = out / f".{fname}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / fname)
+    _plot(out / "bench_accuracy.png", runs, setup)
     return md
+
+
+def _plot(path: Path, runs: List[dict], setup: dict) -> None:
+    """Bar chart of DSC and IoU per network (mean over seeds, one dot per seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["network"] for r in runs))
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    for j, (metric, color) in enumerate((("dice", "tab:blue"), ("iou", "tab:orange"))):
+        for i, n in enumerate(names):
+            v = [r[metric] for r in runs if r["network"] == n]
+            ax.bar(i + (j - 0.5) * 0.38, np.mean(v), 0.36, color=color, alpha=0.7, label=metric.upper() if i == 0 else None)
+            ax.plot([i + (j - 0.5) * 0.38] * len(v), v, "k.", ms=4)
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean over foreground classes")
+    ax.set_title(f"{Path(setup['datalist']).parent.name}: {setup['steps']} steps x {setup['batch']}, {setup['size']} px, seeds {setup['seeds']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def merge(files: List[str], out: Path) -> None:
