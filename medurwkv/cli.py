@@ -1,4 +1,4 @@
-"""Command line: ``python -m medurwkv <command>`` (``convert``, ``params``, ``export-bundle``)."""
+"""Command line: ``python -m medurwkv <command>`` (``convert``, ``params``, ``export-bundle``, ``datalist``)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,29 @@ def export_bundle(out: str, weights: Optional[str] = None, bundle: Optional[str]
     _export(out, weights=weights, bundle=bundle, sample_data=sample_data)
 
 
+def datalist(out: str, images: str, masks: str, mask_suffix: str = "", split: str = "0.7,0.1,0.2", seed: int = 0) -> None:
+    """Pair IMAGES with MASKS (``<name><mask_suffix>.<ext>``), split them and write a MONAI datalist OUT.json.
+
+    ``python -m medurwkv datalist --images DIR --masks DIR [--mask-suffix _mask] [--split 0.7,0.1,0.2 --seed 0] OUT.json``
+    Unmatched pairs are refused with their names and nothing is written (``medurwkv.data2d``)."""
+    import sys
+
+    from .data2d import DatalistError, build_datalist
+
+    fractions = [float(f) for f in (split.split(",") if isinstance(split, str) else split)]
+    try:
+        d = build_datalist(images, masks, out, mask_suffix=str(mask_suffix or ""), split=fractions, seed=int(seed))
+    except DatalistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    counts = ", ".join(f"{k} {len(d[k])}" for k in ("training", "validation", "test"))
+    print(f"{out}: {counts} (seed {seed})")
+
+
 def main() -> None:
     import fire
 
-    fire.Fire({"convert": convert, "params": params, "export-bundle": export_bundle})
+    fire.Fire({"convert": convert, "params": params, "export-bundle": export_bundle, "datalist": datalist})
 
 
 if __name__ == "__main__":
