@@ -263,7 +263,7 @@ def test_failed_training_shows_its_real_reason(sec):
     assert details[-1].startswith("lib.trainers.medurwkv.TrainingFailed: "), details[-5:]
     reason = details[-1].split("TrainingFailed: ", 1)[1]
     assert not reason.startswith("RuntimeError: Failed to evaluate"), reason  # the innermost error comes first
-    assert "while evaluating the bundle config item: $@pretrained_encoder_loader" in reason, reason
+    assert reason.startswith("CheckpointError: pretrained_encoder.pt: not a readable PyTorch checkpoint"), reason
     assert not _lock(sec).holder()  # the failed process let go of the training lock
 
 

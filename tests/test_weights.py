@@ -87,3 +87,14 @@ def test_progress_lines_and_stats_json(tmp_path, capsys):
         "epoch": 2, "total_epochs": 2, "iteration": 6, "best_metric": 0.2, "best_metric_epoch": 2, "key_metric": "val_mean_dice", "status": "DONE"
     }
     assert final["total_time"] >= 0
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint", b"PK\x03\x04 truncated zip", b"\x80\x02}q\x00(X"])
+def test_garbage_weights_files_are_refused_with_the_file_named(tmp_path, content):
+    """Any unreadable file is a CheckpointError naming it (the legacy unpickler raises IndexError on some garbage)."""
+    from medurwkv.checkpoint import load_weights
+
+    path = tmp_path / "encoder.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"encoder\.pt: not a readable PyTorch checkpoint"):
+        load_weights(path)
