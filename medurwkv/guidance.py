@@ -42,6 +42,7 @@ from .checkpoint import CheckpointError, load_weights
 
 __all__ = [
     "guidance_reach",
+    "guidance_points",
     "AddClickGuidanced",
     "RandomClickGuidanced",
     "ExtraInputChannelsLoader",
@@ -59,7 +60,7 @@ def guidance_reach(sigma_slices: float) -> int:
     return int(max(float(sigma_slices) * GAUSSIAN_TRUNCATED, 0.5) + 0.5)
 
 
-def _points(value: Any) -> List[List[int]]:
+def guidance_points(value: Any) -> List[List[int]]:
     """A label's clicks from a list, an array or DeepEdit's JSON string; ``[-1, ...]`` placeholders dropped."""
     if isinstance(value, str):
         value = json.loads(value) if value.strip() else []
@@ -115,7 +116,7 @@ class AddClickGuidanced(MapTransform):
         unknown = set(map(str, given)) - set(self.label_names)
         if unknown:
             raise ValueError(f"clicks for unknown label(s) {sorted(unknown)}; the labels are {list(self.label_names)}")
-        d[self.guidance] = {name: json.dumps(_points(given.get(name))) for name in self.label_names}
+        d[self.guidance] = {name: json.dumps(guidance_points(given.get(name))) for name in self.label_names}
         d["label_names"] = dict(self.label_names)
         for key in self.key_iterator(d):
             spatial = d[key].ndim - 1
@@ -138,7 +139,7 @@ class RandomClickGuidanced(AddRandomGuidanceDeepEditd):
     """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
-        self.guidance = {name: _points(data[self.guidance_key].get(name)) for name in data["label_names"]}
+        self.guidance = {name: guidance_points(data[self.guidance_key].get(name)) for name in data["label_names"]}
         return super().__call__(data)
 
 
@@ -200,7 +201,7 @@ def slices_within_reach(guidance: Mapping[str, Iterable[Sequence[int]]], depth: 
     """Indices (last axis, ``0 .. depth - 1``) of the slices within ``reach`` of any click."""
     zs = set()
     for points in guidance.values():
-        for p in _points(points):
+        for p in guidance_points(points):
             z = int(p[-1])
             zs.update(range(max(z - reach, 0), min(z + reach, depth - 1) + 1))
     return sorted(zs)
