@@ -141,6 +141,8 @@ def main(argv=None) -> dict:
             )
             logits = infer_slices_with_clicks(net_edit, inferer_edit, image, guidance, logits0, guidance_tf)
             seg = argmax(on_image_grid(logits, d_edit, pre_edit))
+            for k, v in clicks_ed:  # as medurwkv_edit serves it: every clicked voxel gets its click's class
+                seg[tuple(v)] = k == "foreground"
             t_ed.append(time.perf_counter() - t0)
             ed.append(dice_score(seg, truth))
             print(f"Med-URWKV-Edit, click {len(ed) - 1}: Dice {ed[-1]:.4f}", file=sys.stderr, flush=True)
