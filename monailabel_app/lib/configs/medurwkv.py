@@ -26,6 +26,7 @@ from monailabel.utils.others.generic import strtobool
 
 from ..activelearning import MostUncertain
 from ..infers import MedURWKVClicks, MedURWKVInfer, MedURWKVScribbles
+from ..infers.edit import MedURWKVEdit, edit_available
 from ..infers.medurwkv import weights_state
 from ..scoring import MCDropoutScoring
 from ..trainers import MedURWKVTrain
@@ -85,6 +86,8 @@ class MedURWKVConfig(TaskConfig):
         if strtobool(self.conf.get("clicks", "true")):
             tasks[f"{self.name}_clicks"] = MedURWKVClicks(self.bundle_path, self.conf, share=self.infer())
             tasks[f"{self.name}_scribbles"] = MedURWKVScribbles(self.bundle_path, self.conf, share=self.infer())
+        if strtobool(self.conf.get("edit", "false")) or edit_available(self.bundle_path):  # lib/infers/edit.py
+            tasks[f"{self.name}_edit"] = MedURWKVEdit(self.bundle_path, self.conf, share=self.infer())
         return tasks
 
     def trainer(self) -> MedURWKVTrain:

@@ -1,0 +1,275 @@
+"""Med-URWKV-Edit in 3D Slicer: the click-guided network (``medurwkv/guidance.py``) as a ``deepedit`` model.
+
+The network takes the clicks as input channels (it was trained with them: ``bundle/configs/train_edit.json``);
+its weights are ``<bundle>/models/edit/model.pt`` and its configs ``inference.json`` + ``inference_edit.json``.
+
+What Slicer's MONAI Label module sends for a ``deepedit`` model (its ``onClickDeepgrow``): the clicks of every
+segment named like one of the model's labels, as voxel indices ``[i, j, k]`` of the image as stored
+(``{"brain": [[i, j, k], ...], "background": [[i, j, k], ...]}``), the current segment's name (``label``) and
+optionally a box (``roi``: voxel bounds ``[i0, i1, j0, j1, k0, k1]``). A request may also upload the current
+segmentation (``label`` as a file, as for Scribbles: MONAI Label then passes its path). The task is registered
+as 3D, so Slicer imports the whole answer, not only the clicked slice.
+
+* **No clicks**: the automatic mode (all-zero guidance).
+* **Reach**: a click guides its own axial slice of the network's grid and ``reach`` slices on each side (see
+  ``medurwkv/guidance.py``); the network runs only there, and every other slice keeps the automatic answer.
+* **Every clicked voxel gets its click's class** (as with ``medurwkv_clicks``).
+* **The clinician's work is kept**: when the current segmentation is sent, every voxel outside the steered
+  region (the slices the clicks reach, inside ``roi`` when one is given) keeps its value. With a ``roi``, only
+  clicks inside it steer, and the network's change is confined to the box (on the network's grid: the box's
+  bounding box there).
+* **Same request, same answer**: the network runs in eval mode and the automatic logits are cached per volume
+  (keyed by the image and weights files' stamps), so a click re-runs only the slices it reaches.
+* A click outside the image, a click that is not ``[i, j, k]``, or a segment name the model does not have is a
+  422 that says which.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from monai.transforms import AsDiscreted, MapTransform
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from medurwkv.guidance import AddClickGuidanced, guidance_points, infer_slices_with_clicks, map_points
+
+from ..errors import BadInput
+from .clicks import ClickRefined
+from .medurwkv import MedURWKVInfer, ProbabilityCache
+
+logger = logging.getLogger(__name__)
+
+EDIT_CONFIG = "inference_edit.json"
+EDIT_WEIGHTS = os.path.join("edit", "model.pt")
+
+
+def edit_available(bundle_path: str) -> bool:
+    """The bundle has the click-guided model's config and weights."""
+    return os.path.isfile(os.path.join(bundle_path, "configs", EDIT_CONFIG)) and os.path.isfile(
+        os.path.join(bundle_path, "models", EDIT_WEIGHTS)
+    )
+
+
+def parse_edit_clicks(request: Dict[str, Any], label_names: Sequence[str]) -> Dict[str, List[List[int]]]:
+    """``{label name: [[i, j, k], ...]}`` from a request; a 422 naming the first malformed click or unknown name."""
+    selected = request.get("label")
+    if isinstance(selected, str) and selected and not os.path.isfile(selected) and selected not in label_names:
+        raise BadInput(f"unknown label '{selected}': this model's labels are {list(label_names)}")
+    for key, value in request.items():  # click lists under a name the model does not have (e.g. deepgrow's)
+        if key not in label_names and key != "roi" and _looks_like_clicks(value):
+            raise BadInput(f"clicks for unknown label '{key}': this model's labels are {list(label_names)}")
+    clicks = {}
+    for name in label_names:
+        points = request.get(name) or []
+        if not isinstance(points, (list, tuple)):
+            raise BadInput(f"'{name}' must be a list of [i, j, k] voxel indices, got {points!r}")
+        parsed = []
+        for p in points:
+            if not isinstance(p, (list, tuple)) or len(p) != 3:
+                raise BadInput(f"{name} click {p!r} is not a voxel index [i, j, k]")
+            try:
+                parsed.append([int(round(float(x))) for x in p])
+            except (TypeError, ValueError, OverflowError):
+                raise BadInput(f"{name} click {p!r} is not a voxel index [i, j, k]") from None
+        clicks[name] = parsed
+    return clicks
+
+
+def _looks_like_clicks(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(p, (list, tuple)) for p in value)
+
+
+def parse_roi(roi: Any, shape: Sequence[int]) -> Optional[np.ndarray]:
+    """Voxel bounds ``[i0, i1, j0, j1, k0, k1]`` as a boolean mask of the image (None: no box); 422 if malformed."""
+    if not roi:
+        return None
+    try:
+        bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(shape))]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
+    inside = np.zeros(tuple(shape), bool)
+    inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
+    if not inside.any():
+        raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(shape)})")
+    return inside
+
+
+class EditClicksToGridd(MapTransform):
+    """The request's clicks (voxels of the image as stored) as ``guidance`` on the network's grid.
+
+    Runs after the bundle's spatial preprocessing, before :class:`AddClickGuidanced`: the image's
+    ``original_affine`` (as loaded) and ``affine`` (now) map each click. Clicks outside the image are a 422; with a
+    ``roi``, clicks outside it are dropped (they do not steer).
+    """
+
+    def __init__(self, label_names: Sequence[str], keys: str = "image"):
+        super().__init__(keys)
+        self.label_names = list(label_names)
+
+    def __call__(self, data):
+        d = dict(data)
+        img = d[self.keys[0]]
+        shape = [int(x) for x in np.asarray(img.meta["spatial_shape"]).tolist()]
+        src, dst = np.asarray(img.meta["original_affine"], np.float64), np.asarray(img.affine, np.float64)
+        clicks = parse_edit_clicks(d, self.label_names)
+        inside = parse_roi(d.get("roi"), shape)
+        guidance, used = {}, {}
+        for name, points in clicks.items():
+            for p in points:
+                if any(not 0 <= x < n for x, n in zip(p, shape)):
+                    raise BadInput(f"{name} click {p} is outside the image (size {shape})")
+            kept = [p for p in points if inside is None or inside[tuple(p)]]
+            used[name] = kept
+            guidance[name] = map_points(kept, src, dst).tolist() if kept else []
+        d["guidance"] = guidance
+        d["edit_clicks"] = used  # on the image's grid, for the steered region
+        d["edit_grid"] = (src, dst, shape)
+        return d
+
+
+class EditResultd(MapTransform):
+    """After ``AsDiscreted``: every clicked voxel gets its click's class, and when the current segmentation is sent
+    with the request (``label``: a label volume on the image's grid), every voxel outside the steered region keeps
+    its value there.
+
+    The steered region: image voxels whose slice on the network's grid is within ``reach`` of a click's slice,
+    inside the ``roi`` when one is given. Without a segmentation sent, nothing else is needed: beyond the reach the
+    network did not run and outside the box its change was undone on its grid (:meth:`MedURWKVEdit.run_inferer`).
+    """
+
+    def __init__(self, keys: str, reach: int, target: str):
+        super().__init__(keys)
+        self.reach, self.target = reach, target
+
+    def __call__(self, data):
+        d = dict(data)
+        key = self.keys[0]
+        pred = d[key]
+        arr = np.asarray(pred.detach().cpu() if torch.is_tensor(pred) else pred)
+        spatial = arr.shape[-3:]
+        fg = arr.reshape(-1, *spatial)[-1] > 0
+        src, dst, _ = d["edit_grid"]
+        path = d.get("label")
+        if isinstance(path, str) and os.path.isfile(path):
+            values = np.rint(ClickRefined()._load(path, spatial, "the segmentation sent", src)).astype(np.int64)
+            base = values == (1 if values.max() <= 1 else self._target_id(d))
+            steered = np.zeros(spatial, bool)
+            zs = sorted({int(p[-1]) for pts in d["guidance"].values() for p in guidance_points(pts)})
+            if zs:  # slice index on the network's grid of every image voxel: an affine function of (i, j, k)
+                row = (np.linalg.inv(dst) @ src)[2]
+                ijk = np.indices(spatial, dtype=np.float32)
+                z = row[0] * ijk[0] + row[1] * ijk[1] + row[2] * ijk[2] + row[3]
+                for zc in zs:
+                    steered |= np.abs(z - zc) <= self.reach + 0.5
+            inside = parse_roi(d.get("roi"), spatial)
+            if inside is not None:
+                steered &= inside
+            fg = np.where(steered, fg, base)
+            logger.info(f"Med-URWKV-Edit: {int(steered.sum())} voxel(s) steered; the segmentation sent kept elsewhere")
+        for name, points in d["edit_clicks"].items():
+            for p in points:
+                fg[tuple(p)] = name != "background"
+        out = fg.astype(arr.dtype).reshape(arr.shape)
+        d[key] = pred.clone().copy_(torch.as_tensor(out)) if torch.is_tensor(pred) else out
+        return d
+
+    def _target_id(self, d) -> int:
+        info = d.get("label_info") or []
+        ids = {str(x.get("name")): x.get("id", x.get("idx")) for x in info if isinstance(x, dict)}
+        try:
+            return int(ids.get(self.target, 1))
+        except (TypeError, ValueError):
+            raise BadInput(f"'label_info' gives no integer id for '{self.target}'") from None
+
+
+class MedURWKVEdit(MedURWKVInfer):
+    """The click-guided Med-URWKV-Edit (type ``deepedit``; see the module docstring).
+
+    Args:
+        path: the bundle directory (``configs/inference_edit.json``, ``models/edit/model.pt``).
+        conf: as :class:`MedURWKVInfer` (``prob_cache`` also sets how many volumes' automatic logits are kept).
+        share: the automatic task, whose request limit and device locks this task uses too.
+    """
+
+    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
+        super().__init__(path, conf)
+        if share is not None:
+            self._semaphore = share._semaphore
+            self._device_locks = share._device_locks
+        self.path = [os.path.join(path, "models", EDIT_WEIGHTS)]
+        with self._config_lock:
+            self.label_names = dict(self.bundle_config.get_parsed_content("edit_label_names"))
+        self.labels = self.label_names  # Slicer sends one click list per name, "background" included
+        self.type = InferType.DEEPEDIT
+        self._auto_logits = ProbabilityCache(max(1, int(conf.get("prob_cache", "2"))), int(float(conf.get("prob_cache_mb", "1024")) * 2**20))
+        self._prob_cache = ProbabilityCache(0)  # the parent's cache of post-processed outputs: not for clicks
+        self.description = (
+            "Med-URWKV-Edit: the network takes foreground/background clicks (one list per label name) and "
+            "corrects the slices they reach; no clicks = automatic segmentation."
+        )
+
+    def _load_bundle_config(self, path, config):
+        parser = super()._load_bundle_config(path, [config, os.path.join(path, "configs", EDIT_CONFIG)])
+        return parser
+
+    def _guidance_transform(self) -> AddClickGuidanced:
+        with self._config_lock:
+            return self.bundle_config.get_parsed_content("edit_guidance", instantiate=True)
+
+    def pre_transforms(self, data=None) -> Sequence:
+        transforms = list(super().pre_transforms(data))
+        at = next((i for i, t in enumerate(transforms) if isinstance(t, AddClickGuidanced)), None)
+        if at is None:
+            raise RuntimeError(f"{EDIT_CONFIG}'s preprocessing has no AddClickGuidanced step")
+        transforms.insert(at, EditClicksToGridd(list(self.label_names), keys=self.input_key))
+        return transforms
+
+    def post_transforms(self, data=None) -> Sequence:
+        transforms = list(super().post_transforms(data))
+        at = next((i for i, t in enumerate(transforms) if isinstance(t, AsDiscreted)), None)
+        if at is None:
+            raise RuntimeError("the bundle's postprocessing has no AsDiscreted(argmax) step")
+        target = next((n for n in self.label_names if n != "background"), "")
+        transforms.insert(at + 1, EditResultd(self.output_label_key, self._guidance_transform().reach, target))
+        return transforms
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
+        network = self._get_network(device, data)
+        transform = self._guidance_transform()
+        image = data[self.input_key]
+        key = self._prob_key(data)
+        inferer = self.inferer(data)
+        with self._device_lock(device), torch.no_grad(), self.amp_context(data, device):
+            entry = self._auto_logits.get(key)
+            if entry is None:
+                x = image.clone()
+                x[transform.number_intensity_ch :] = 0  # the automatic mode
+                auto = inferer(x[None].to(torch.device(device)), network)[0].float().cpu()
+                self._auto_logits.put(key, {"logits": auto})
+            else:
+                auto = entry["logits"]
+            logits = infer_slices_with_clicks(network, inferer, image[: transform.number_intensity_ch].cpu(),
+                                              data["guidance"], auto, transform).float()
+        roi = data.get("roi")
+        if roi and any(data["edit_clicks"].values()):  # confine the change to the box's bounding box on this grid
+            src, dst, shape = data["edit_grid"]
+            bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(3)]
+            corners = np.array(np.meshgrid(*[[max(a, 0), max(b - 1, 0)] for a, b in bounds], indexing="ij")).reshape(3, -1).T
+            q = map_points(corners, src, dst)
+            lo, hi = np.maximum(q.min(0), 0), q.max(0) + 1
+            keep = auto.clone()
+            box = (slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            keep[box] = logits[box]
+            logits = keep
+        data[self.output_label_key] = logits
+        data["probabilities"] = "cached" if entry is not None else "computed"
+        return data
+
+    def __call__(self, request, callbacks=None):
+        parse_edit_clicks(request, list(self.label_names))  # malformed clicks fail before the volume is read
+        return super().__call__(request, callbacks)

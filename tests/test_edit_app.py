@@ -1,0 +1,157 @@
+"""Med-URWKV-Edit served by the MONAI Label app (monailabel_app/lib/infers/edit.py), through MONAILabelClient on a
+real server (tests/label_server.py), as 3D Slicer's deepedit flow sends it: clicks per label name.
+
+The weights are made here, untrained (only the mechanics are checked, not how well clicks correct): a random
+automatic Med-URWKV as ``models/model.pt`` and the same network widened to the guidance channels, with random
+guidance weights, as ``models/edit/model.pt``. How much the trained network's clicks help is measured by
+benchmarks/bench_clicks.py. The volume is a 64 x 64 x 30 crop of Colin27 (RAS, 2 mm: the network's own grid), so
+axial slice k of the image is slice k of the network.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from label_server import HELD_OUT, MODEL, status_of, stage
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+EDIT = f"{MODEL}_edit"
+VOLUMES = {"colin_z": ("colin27_t1", "Tr", ((14, 78), (22, 86), (25, 55)))}
+REACH = 6  # bundle/configs/inference_edit.json: edit_sigma_slices 1.5 -> 6 slices
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    from monailabel.client import MONAILabelClient
+
+    from medurwkv.checkpoint import save_weights
+    from medurwkv.guidance import guidance_reach, load_with_extra_input_channels
+    from medurwkv.nets.medurwkv import MedURWKV
+
+    assert guidance_reach(1.5) == REACH
+    c = stage(tmp_path_factory.mktemp("edit_app"), volumes=VOLUMES, held_out=HELD_OUT)
+    torch.manual_seed(0)
+    auto = MedURWKV(in_channels=1, out_channels=2, variant="tiny", encoder="adapter")
+    edit = MedURWKV(in_channels=3, out_channels=2, variant="tiny", encoder="adapter")
+    widened = load_with_extra_input_channels(edit, auto.state_dict())
+    with torch.no_grad():
+        for name in widened:  # guidance weights as if trained: the clicks change the output
+            w = dict(edit.named_parameters())[name]
+            w[:, 1:] = torch.randn_like(w[:, 1:]) * w[:, :1].std() * 20
+    (c.bundle / "models" / "edit").mkdir(parents=True)
+    save_weights(auto.state_dict(), c.bundle / "models" / "model.pt")
+    save_weights(edit.state_dict(), c.bundle / "models" / "edit" / "model.pt")
+    try:
+        c.server.start(host="127.0.0.1")
+        c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
+        yield c
+    finally:
+        c.server.stop()
+
+
+def _infer(c, model, params, **kw):
+    path, result = c.client.infer(model, "colin_z", params, **kw)
+    img = nib.load(path)
+    ref = nib.load(str(c.studies / "colin_z.nii.gz"))
+    assert img.shape == ref.shape  # the answer is on the image's grid, the whole volume (Slicer takes it as 3D)
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
+    return np.asanyarray(img.dataobj).astype(np.uint8), result
+
+
+def _no_clicks(c) -> np.ndarray:
+    """The answer without clicks (computed once per module, by whichever test needs it first)."""
+    if not hasattr(c, "auto"):
+        c.auto, c.auto_result = _infer(c, EDIT, {"label": "brain"})
+    return c.auto
+
+
+def _clicks(auto):
+    """A foreground click where the automatic answer has background (slice 3), a background click where it has
+    brain (slice 4), as Slicer's deepedit flow sends them."""
+    k_fg, k_bg = 3, 4
+    fg = [int(v) for v in np.argwhere(auto[..., k_fg] == 0)[0]] + [k_fg]
+    bg_candidates = np.argwhere(auto[..., k_bg] == 1)
+    request = {"label": "brain", "brain": [fg], "background": []}
+    if len(bg_candidates):
+        request["background"] = [[int(v) for v in bg_candidates[len(bg_candidates) // 2]] + [k_bg]]
+    return request
+
+
+def test_listed_as_3d_deepedit_and_no_clicks_is_the_automatic_mode(ctx):
+    info = ctx.client.info()["models"][EDIT]
+    assert info["type"] == "deepedit" and info["dimension"] == 3
+    assert set(info["labels"]) == {"brain", "background"}
+    auto, _ = _infer(ctx, MODEL, {})
+    got = _no_clicks(ctx)
+    assert ctx.auto_result["probabilities"] == "computed"
+    assert (got == auto).mean() > 0.999  # the same network: zero guidance channels, zero-extended weights
+
+
+def test_clicks_steer_their_slices_within_the_reach_and_repeat_exactly(ctx):
+    auto = _no_clicks(ctx)
+    request = _clicks(auto)
+    got, result = _infer(ctx, EDIT, request)
+    assert result["probabilities"] == "cached"  # the automatic logits of the first request: only reached slices ran
+    for p in request["brain"]:
+        assert got[tuple(p)] == 1
+    for p in request["background"]:
+        assert got[tuple(p)] == 0
+    changed = got != auto
+    assert changed.sum() > len(request["background"]) + 1  # the network changed more than the clicked voxels
+    last = max(p[2] for p in request["brain"] + request["background"]) + REACH
+    assert not changed[..., last + 1 :].any()  # beyond the reach: as it was
+    again, _ = _infer(ctx, EDIT, request)
+    assert np.array_equal(again, got)  # the same request: the same answer (Slicer's undo is enough)
+
+
+def test_painted_voxels_outside_the_steered_region_survive_and_roi_limits_the_change(ctx, tmp_path):
+    auto = _no_clicks(ctx)
+    request = _clicks(auto)
+    with_clicks, _ = _infer(ctx, EDIT, request)
+    user = auto.copy()
+    user[10:30, 10:30, 20:25] = 1  # painted by hand, beyond the clicks' reach
+    user[30:50, 30:50, 25:30] = 0  # erased by hand
+    src = tmp_path / "segment.nii.gz"
+    ref = nib.load(str(ctx.studies / "colin_z.nii.gz"))
+    nib.save(nib.Nifti1Image(user, ref.affine), src)
+    sent = {k: v for k, v in request.items() if k != "label"}  # a "label" param would replace the file's path
+    got, _ = _infer(ctx, EDIT, sent, label_in=str(src))
+    last = max(p[2] for p in request["brain"] + request["background"]) + REACH
+    assert np.array_equal(got[..., last + 1 :], user[..., last + 1 :])  # the user's work is kept
+    assert np.array_equal(got[..., : last + 1], with_clicks[..., : last + 1])  # the network's answer where steered
+
+    roi = [0, 32, 0, 64, 0, 30]  # the half i < 32; the clicks outside it do not steer
+    inside = dict(request, brain=[p for p in request["brain"] if p[0] < 32] or [[16, 32, 3]],
+                  background=[p for p in request["background"] if p[0] < 32], roi=roi)
+    got, _ = _infer(ctx, EDIT, inside)
+    assert not (got != auto)[32:].any()
+    assert (got != auto)[:32].any()
+
+
+def test_bad_clicks_get_4xx_and_the_server_stays_up(ctx):
+    from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
+
+    for params, message in (
+        ({"brain": [[999, 0, 0]]}, "outside the image"),
+        ({"brain": [[1, 2]]}, "is not a voxel index"),
+        ({"brain": [["a", 2, 3]]}, "is not a voxel index"),
+        ({"tumour": [[1, 2, 3]]}, "unknown label 'tumour'"),
+        ({"label": "Segment_1", "brain": [[1, 2, 3]]}, "unknown label 'Segment_1'"),
+        ({"brain": [[1, 2, 3]], "roi": [0, "x"]}, "'roi' must be voxel bounds"),
+    ):
+        with pytest.raises(MONAILabelClientException) as e:
+            ctx.client.infer(EDIT, "colin_z", params)
+        assert status_of(e.value) == 422 and message in e.value.msg, (params, e.value.msg)
+    status, body, _, _ = MONAILabelUtils.http_multipart(
+        "POST", ctx.server.url, f"/infer/{EDIT}?image=colin_z", {"params": "{'brain': [[1, 2, 3]"}, {}
+    )
+    assert status == 422 and "not valid JSON" in json.loads(body)["detail"]
+    assert ctx.client.info()["models"][EDIT]  # still serving
+    got, _ = _infer(ctx, EDIT, {"brain": [[5, 5, 5]]})
+    assert got[5, 5, 5] == 1

@@ -1,0 +1,150 @@
+"""Click guidance of Med-URWKV-Edit (medurwkv/guidance.py): the encoding and its reach across slices, the
+automatic model's weights in the click-guided network, slice-limited inference, and the bundle's edit configs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.layers.convutils import gaussian_1d
+
+from medurwkv.checkpoint import CheckpointError
+from medurwkv.guidance import (
+    AddClickGuidanced,
+    RandomClickGuidanced,
+    guidance_reach,
+    infer_slices_with_clicks,
+    load_with_extra_input_channels,
+    map_points,
+    slices_within_reach,
+)
+from medurwkv.inferers import SliceWiseInferer
+from medurwkv.nets.medurwkv import MedURWKV
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = {"brain": 1, "background": 0}
+
+
+def test_click_shows_on_neighbouring_slices_with_documented_decay_and_nowhere_else():
+    sigma_slices = 1.5
+    t = AddClickGuidanced(label_names=NAMES, sigma=3.0, sigma_slices=sigma_slices)
+    reach = guidance_reach(sigma_slices)
+    assert reach == t.reach == 6
+    z0 = 14
+    out = t({"image": torch.rand(1, 40, 36, 30), "guidance": {"brain": [[20, 17, z0]]}})
+    x = np.asarray(out["image"])
+    assert x.shape == (3, 40, 36, 30)
+    g = gaussian_1d(torch.tensor(sigma_slices), 4.0, "erf").numpy()
+    g = g / g.max()  # g[reach + dz]: the documented strength at dz slices
+    fg, bg = x[1], x[2]
+    for z in range(30):
+        dz = z - z0
+        if abs(dz) <= reach:
+            assert fg[20, 17, z] == pytest.approx(g[reach + dz], rel=1e-3, abs=1e-6), dz
+            assert fg[..., z].max() == pytest.approx(fg[20, 17, z], rel=1e-5)  # the peak stays at the click
+        else:
+            assert not fg[..., z].any(), f"guidance {dz} slices away, beyond the reach {reach}"
+    assert fg[20, 17, z0] == pytest.approx(1.0) and fg[20, 17, z0 + 1] == pytest.approx(0.807, abs=1e-3)
+    assert not bg.any()  # no background clicks: an all-zero channel
+    assert slices_within_reach(out["guidance"], 30, reach) == list(range(z0 - reach, z0 + reach + 1))
+
+
+def test_no_clicks_is_the_automatic_mode_and_bad_clicks_are_refused():
+    t = AddClickGuidanced(label_names=NAMES)
+    out = t({"image": torch.rand(1, 16, 16, 8)})
+    assert out["image"].shape == (3, 16, 16, 8) and not np.asarray(out["image"][1:]).any()
+    assert json.loads(out["guidance"]["brain"]) == [] and out["label_names"] == NAMES
+    with pytest.raises(ValueError, match="unknown label"):
+        t({"image": torch.rand(1, 16, 16, 8), "guidance": {"tumour": [[1, 2, 3]]}})
+    with pytest.raises(ValueError, match="2D or 3D"):
+        t({"image": torch.rand(1, 16)})
+
+
+def test_random_click_starts_from_each_samples_own_clicks():
+    """MONAI's AddRandomGuidanceDeepEditd, when it does not click, hands on the previous sample's clicks."""
+    t = RandomClickGuidanced(keys="NA")
+    no_error = [np.zeros((1, 8, 8), np.float32)] * 2
+    a = {"guidance": {"brain": "[[0, 1, 1]]", "background": "[]"}, "label_names": NAMES,
+         "discrepancy": {"brain": no_error, "background": no_error}, "probability": 1.0, "label": np.zeros((1, 8, 8))}
+    b = dict(a, guidance={"brain": "[]", "background": "[[0, 5, 5]]"}, probability=0.0)
+    t.set_random_state(0)
+    assert t(a)["guidance"] == {"brain": [[0, 1, 1]], "background": []}
+    assert t(b)["guidance"] == {"brain": [], "background": [[0, 5, 5]]}
+
+
+def test_map_points_between_grids():
+    src = np.diag([2.0, 2.0, 3.0, 1.0])
+    src[:3, 3] = [10, -20, 5]
+    dst = np.diag([1.0, 1.0, 1.0, 1.0])
+    assert map_points([[1, 2, 3]], src, dst).tolist() == [[12, -16, 14]]
+    assert map_points(map_points([[4, 5, 6]], src, dst), dst, src).tolist() == [[4, 5, 6]]
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    small = dict(variant="tiny", encoder="plain", bottleneck_depth=1, decoder_depths=(1, 1, 1), drop_path_rate=0.0)
+    auto = MedURWKV(in_channels=1, **small).eval()
+    edit = MedURWKV(in_channels=3, **small).eval()
+    widened = load_with_extra_input_channels(edit, auto.state_dict())
+    return auto, edit, widened
+
+
+def test_edit_network_starts_as_the_automatic_model(nets):
+    auto, edit, widened = nets
+    assert widened == ["encoder.backbone.patch_embed.proj.weight"]
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        y_edit = edit(torch.cat([x, torch.zeros(2, 2, 64, 64)], 1))
+        y_auto = auto(x)
+    assert y_edit.shape == (2, 2, 64, 64)
+    torch.testing.assert_close(y_edit, y_auto)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_with_extra_input_channels(edit, {k: v for k, v in auto.state_dict().items() if "head" not in k})
+
+
+def test_clicks_change_only_the_slices_they_reach_and_the_same_clicks_give_the_same_output(nets):
+    _, edit, _ = nets
+    net = MedURWKV(in_channels=3, variant="tiny", encoder="plain", bottleneck_depth=1, decoder_depths=(1, 1, 1),
+                   drop_path_rate=0.0).eval()
+    net.load_state_dict(edit.state_dict())
+    with torch.no_grad():  # give the guidance channels weight, as training does
+        w = net.encoder.backbone.patch_embed.proj.weight
+        w[:, 1:] = torch.randn_like(w[:, 1:])
+    t = AddClickGuidanced(label_names=NAMES, sigma=3.0, sigma_slices=0.5)  # reach 2 slices: a short volume
+    assert t.reach == 2
+    inferer = SliceWiseInferer(spatial_dim=2, roi_size=(64, 64), sw_batch_size=8)
+    image = torch.rand(1, 64, 64, 9)
+    with torch.no_grad():
+        auto = inferer(t({"image": image})["image"][None], net)[0]
+    clicks = {"brain": [[30, 30, 2]], "background": []}
+    a = infer_slices_with_clicks(net, inferer, image, clicks, auto, t)
+    b = infer_slices_with_clicks(net, inferer, image, clicks, auto, t)
+    assert a.shape == auto.shape == (2, 64, 64, 9)
+    assert torch.equal(a, b)  # the same request twice: the same answer
+    changed = [(a[..., z] - auto[..., z]).abs().max().item() > 1e-4 for z in range(9)]
+    assert changed == [True] * 5 + [False] * 4  # slices 0..4 are within 2 of slice 2
+    assert torch.equal(a[..., 5:], auto[..., 5:])
+
+
+def test_edit_configs_merge_on_top_of_the_base_configs():
+    from monai.bundle import ConfigParser
+
+    for configs, ids in (
+        (["train.json", "train_edit.json"], ["train#trainer#iteration_update#max_interactions", "validate#preprocessing"]),
+        (["inference.json", "inference_edit.json"], ["preprocessing"]),
+    ):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "bundle" / "configs" / c) for c in configs])
+        parser["bundle_root"] = str(ROOT / "bundle")
+        assert parser.get_parsed_content("network_def#in_channels") == 3
+        assert parser["ckpt_dir"].endswith("'/models/edit'")
+        pre = parser.get_parsed_content(ids[-1])
+        assert isinstance(pre.transforms[-1], AddClickGuidanced) and pre.transforms[-1].label_names == NAMES
+        assert type(pre.transforms[0]).__name__ == "LoadVolumed"  # the base config's transforms come first
+    train = ConfigParser()
+    train.read_config([str(ROOT / "bundle" / "configs" / c) for c in ("train.json", "train_edit.json")])
+    assert isinstance(train.get_parsed_content("edit_guidance"), AddClickGuidanced)
+    assert train["train#random_transforms"][-1] == "@edit_guidance"
+    assert "RandCropByPosNegLabeld" in [t.get("_target_") for t in train["train#random_transforms"][:-1]]
