@@ -449,11 +449,11 @@ class MedURWKVClicks(MedURWKVInfer):
             "Med-URWKV with click-guided correction: foreground/background clicks correct the AUTOMATIC "
             "segmentation within {margin:g} mm of them (ISeg unary + graph cut on the network's probabilities). "
             "3D Slicer's SmartEdit sends only the clicks, so each answer replaces the whole segment: edits made "
-            "earlier with the Segment Editor are lost. Click first, then edit by hand, or use the Scribbles model, "
-            "which keeps your edits. A client that uploads the current segmentation as 'label' gets it corrected "
-            "near the clicks, the rest kept. With an ROI placed, only voxels inside it change (a click outside it "
-            "is refused)."
-        ).format(margin=self.refine_defaults["roi_margin_mm"])
+            "earlier with the Segment Editor are lost. Click first, then edit by hand, or use Scribbles "
+            "({scribbles}), which keeps your edits. A client that uploads the current segmentation as 'label' "
+            "gets it corrected near the clicks, the rest kept. With an ROI placed, only voxels inside it change "
+            "(a click outside it is refused)."
+        ).format(margin=self.refine_defaults["roi_margin_mm"], scribbles=f"{self.model_name}_scribbles")
 
     def post_transforms(self, data=None) -> Sequence:
         transforms = list(super().post_transforms(data))
