@@ -268,10 +268,16 @@ class SlicerPlugin:
         return self.client.train_start(MODEL, self.options("train", MODEL, edits))
 
     def wait_training(self, timeout: float = 900) -> Dict[str, Any]:
-        wait_for(lambda: not self.client.train_status(check_if_running=True), timeout, "the training", interval=2.0)
-        status = self.client.train_status()
+        """monitorTraining polls GET /train/ until the status is no longer RUNNING (a training just submitted is
+        SUBMITTED for a moment, when ``check_if_running`` still says no)."""
+        status = _training_done(self.client, timeout)
         self.fetch_info()
         return status
+
+
+def _training_done(client, timeout: float = 900) -> Dict[str, Any]:
+    return wait_for(lambda: (s := client.train_status())["status"] not in ("SUBMITTED", "RUNNING") and s, timeout,
+                    "the training", interval=2.0)
 
 
 def _q(s: str) -> str:
@@ -324,8 +330,8 @@ def trained(ctx):
         for vid in ("colin_a", "colin_b"):
             client.save_label(vid, str(ctx.gt / f"{vid}.nii.gz"), tag="final")
         client.train_start(MODEL, {"max_epochs": 1, "val_interval": 1})
-        wait_for(lambda: not client.train_status(check_if_running=True), 900, "the training", interval=2.0)
-        assert client.train_status()["status"] == "DONE", client.train_status().get("details", [])[-20:]
+        status = _training_done(client)
+        assert status["status"] == "DONE", status.get("details", [])[-20:]
     assert ctx.weights.is_file()
     return ctx
 
