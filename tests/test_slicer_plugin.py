@@ -418,8 +418,8 @@ def test_two_volumes_uploaded_under_one_node_name(trained):
     assert second.shape != first.shape
     try:
         mask_b = second.run()
-    except MONAILabelClientException as e:  # Slicer: "Failed to upload volume to Server" and no Run
-        assert 400 <= status_of(e.value) < 500, e.value.msg
+    except MONAILabelClientException as e:  # Slicer shows "Failed to upload volume to Server.\n<msg>", no Run
+        assert status_of(e) == 409 and NODE in e.msg, e.msg  # a conflict, naming the volume
         assert second.sample["session"] is True, "the refusal must come from the upload, before any infer"
     else:  # accepted: the plugin then infers on the node name, so that id must now be this volume (read_answer
         assert mask_b.shape == second.shape  # checks the grid: a mask of the first patient fails there)
