@@ -379,12 +379,13 @@ def test_two_volumes_uploaded_under_one_node_name(trained):
     """Two patients' volumes open in Slicer under the same node name, one after the other. The first goes up
     with a session (SmartEdit before Run), then permanently on Run; the second must never replace it nor end up
     with its label: the upload is refused (Slicer then stops before Run), or what Run gets back is on the
-    second volume's grid. The same volume uploaded again under its name (a new Slicer session) is accepted."""
+    second volume's grid. The same volume uploaded again under its name (a new Slicer session) is accepted.
+    File Extension .seg.nrrd: the label is the segmentation node itself, and the volumes go up as .seg.nrrd too."""
     import SimpleITK as sitk
     from monailabel.client.client import MONAILabelClientException
 
     c = trained
-    first = SlicerPlugin(c)
+    first = SlicerPlugin(c, file_ext=".seg.nrrd")  # then every file it sends ends in .seg.nrrd, volumes too (:1427)
     first.fetch_info()
     first.load_local(c.eval_images / "colin_eval.nii.gz", NODE)
 
@@ -406,7 +407,7 @@ def test_two_volumes_uploaded_under_one_node_name(trained):
     np.testing.assert_array_equal(stored_a["image"], volume_a)
 
     # the same volume again under its name (Slicer restarted): accepted, same answer
-    again = SlicerPlugin(c)
+    again = SlicerPlugin(c, file_ext=".seg.nrrd")
     again.fetch_info()
     again.load_local(c.eval_images / "colin_eval.nii.gz", NODE)
     np.testing.assert_array_equal(again.run(), mask_a)
