@@ -106,7 +106,7 @@ class SlicerPlugin:
     def next_sample(self) -> Dict[str, Any]:
         import SimpleITK as sitk
 
-        strategy = next(iter(self.info.get("strategies", {})))  # strategyBox, first item (:1282, :647-652)
+        strategy = next(iter(self.info.get("strategies", {})))  # strategyBox, first item (:1282, :637-642)
         sample = self.client.next_sample(strategy, self.options("activelearning", strategy))
         assert sample.get("id"), f"Next Sample got no sample: {sample}"
         # Slicer on another machine: the volume is downloaded (:1318-1324), its checksum checked when given
@@ -150,7 +150,7 @@ class SlicerPlugin:
         self.sample["session"] = False
         return answer
 
-    # -- answers (logic.infer :2484-2496, updateSegmentationMask :1846-1983)
+    # -- answers (logic.infer :2468-2481, updateSegmentationMask :1846-1983)
     def infer(self, model: str, params: Dict[str, Any], label_file: Optional[str] = None):
         params = dict(params, result_extension=".nrrd", result_dtype="uint8")  # :2488-2489
         path, answer = self.client.infer(model, self.sample["id"], params, label_in=label_file,
@@ -262,9 +262,9 @@ class SlicerPlugin:
         self.fetch_info()  # :1583
         return answer
 
-    # -- Train (onTraining :1179-1219, monitorTraining :500-533)
+    # -- Train (onTraining :1179-1219, monitorTraining :502-533)
     def train(self, edits: Dict[str, Any]) -> Dict[str, Any]:
-        assert self.info["datastore"]["completed"] > 0  # the Train button is enabled only then (:677)
+        assert self.info["datastore"]["completed"] > 0  # the Train button is enabled only then (:660)
         return self.client.train_start(MODEL, self.options("train", MODEL, edits))
 
     def wait_training(self, timeout: float = 900) -> Dict[str, Any]:
@@ -369,7 +369,7 @@ def test_cold_start_no_weights_submit_train_run(ctx):
     status = plugin.wait_training()
     assert status["status"] == "DONE", status.get("details", [])[-20:]
     assert plugin.info["models"][MODEL]["weights"]["available"] is True
-    assert plugin.info["train_stats"][MODEL].get("total_epochs") == 1  # what the training bar reads (:500-533)
+    assert plugin.info["train_stats"][MODEL].get("total_epochs") == 1  # what the training bar reads (:502-533)
 
     mask = plugin.run()
     assert mask.shape == truth.shape
