@@ -152,7 +152,7 @@ class SlicerPlugin:
 
     # -- answers (logic.infer :2468-2481, updateSegmentationMask :1846-1983)
     def infer(self, model: str, params: Dict[str, Any], label_file: Optional[str] = None):
-        params = dict(params, result_extension=".nrrd", result_dtype="uint8")  # :2488-2489
+        params = dict(params, result_extension=".nrrd", result_dtype="uint8")  # :2473-2474
         path, answer = self.client.infer(model, self.sample["id"], params, label_in=label_file,
                                          session_id=self.session_id())
         return path, answer or {}
