@@ -485,6 +485,12 @@ def test_smartedit_says_what_a_click_replaces_and_honours_the_roi(trained):
         plugin.smart_edit([far], [click], roi=roi)
     assert status_of(e.value) == 422 and "outside the ROI" in e.value.msg, e.value.msg
 
+    # 'label' is read only as the file uploaded with the request: a server path in the JSON is never opened
+    other = str(trained.gt / "colin_a.nii.gz")  # another patient's label, on the server's disk
+    with pytest.raises(MONAILabelClientException) as e:
+        plugin.infer(SCRIBBLES, {"label": other, "label_info": [], "selected_label_name": "brain", "roi": []})
+    assert status_of(e.value) == 422 and other not in e.value.msg, e.value.msg
+
 
 def test_clinician_round_next_sample_run_smartedit_scribbles_submit_nrrd_train_run(trained):
     """The whole round in Slicer with File Extension .nrrd: Next Sample -> Run -> SmartEdit -> a hand edit ->
