@@ -123,11 +123,13 @@ def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_m
     bg_stroke[b[0], b[1] - 2 : b[1] + 3, b[2]] = True  # a line through the scalp blob
     assert not (edit & (_mm_to(fg_stroke | bg_stroke, case["affine"]) <= 30)).any()  # the edit is out of reach
 
+    uploads = [str(tmp_path)]  # where the server saves uploaded files (here: the test's folder)
+
     def refine(values, **request):
-        path = tmp_path / "scribbles.nii.gz"
+        path = tmp_path / "tmp_scribbles.nii.gz"
         nib.save(nib.Nifti1Image(values.astype(np.uint8), case["affine"]), path)
         d = {"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path), **request}
-        out = ScribblesRefined(keys="pred", target="brain")(d)["pred"]
+        out = ScribblesRefined(keys="pred", target="brain", upload_dirs=uploads)(d)["pred"]
         return (out[1] > out[0]).numpy()
 
     info = [{"name": "brain", "id": 1}, {"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
@@ -173,11 +175,11 @@ def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_m
                                  selected_label_name="brain"), skull == 1)
 
     with pytest.raises(BadInput, match="must be on the image's grid"):
-        path = tmp_path / "small.nii.gz"
+        path = tmp_path / "tmp_small.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), case["affine"]), path)
-        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
+        ScribblesRefined(keys="pred", upload_dirs=uploads)({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
     with pytest.raises(BadInput, match="scribbles need the segmentation"):
-        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE)})
+        ScribblesRefined(keys="pred", upload_dirs=uploads)({"pred": case["prob"].clone(), "image_path": str(IMAGE)})
     with pytest.raises(BadInput, match="'roi' must be voxel bounds"):
         refine(values, roi=["a"] * 6, **req)
     with pytest.raises(BadInput, match="'roi' must be voxel bounds"):
@@ -191,16 +193,84 @@ def test_scribbles_correct_the_users_segmentation_near_the_strokes_only(clicks_m
     with pytest.raises(BadInput, match=r"has shape \[.*\], the image .*must be on the image's grid"):
         refine(values.transpose(2, 1, 0), **req)  # the same number of voxels, axes swapped
     with pytest.raises(BadInput, match="not its position/orientation"):
-        path = tmp_path / "shifted.nii.gz"
+        path = tmp_path / "tmp_shifted.nii.gz"
         shifted = case["affine"].copy()
         shifted[:3, 3] += 5.0
         nib.save(nib.Nifti1Image(values.astype(np.uint8), shifted), path)
-        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
+        ScribblesRefined(keys="pred", upload_dirs=uploads)({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
     with pytest.raises(BadInput, match="the scribbles label could not be read") as e:
-        path = tmp_path / "broken.nii.gz"
+        path = tmp_path / "tmp_broken.nii.gz"
         path.write_bytes(b"not a volume")
-        ScribblesRefined(keys="pred")({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
+        ScribblesRefined(keys="pred", upload_dirs=uploads)({"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": str(path)})
     assert str(tmp_path) not in str(e.value)  # no server paths in client messages
+
+
+def test_clicks_correct_the_segment_sent_and_stay_inside_the_roi(clicks_module, case, tmp_path):
+    """Item 6 of issue 15: a request that uploads the current segmentation gets it corrected near the clicks (a hand
+    edit far away survives); an ROI confines the change and a click outside it is refused, never ignored."""
+    ClickRefined, BadInput, _ = clicks_module
+    shape = case["gt"].shape
+    c = np.array(np.nonzero(case["gt"])).mean(1).astype(int)
+    edit = np.zeros(shape, bool)  # erased by hand, far from both clicks
+    edit[c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, max(c[2] - 14, 0) : max(c[2] - 10, 1)] = True
+    clicks = {"foreground": [case["fg"]], "background": [case["bg"]]}
+    assert not (edit & (_mm_to(_click_mask(shape, clicks), case["affine"]) <= 30)).any()  # out of the clicks' reach
+    user = case["wrong"] & ~edit
+    path = tmp_path / "tmp_segment.nii.gz"  # the name MONAI Label gives an uploaded file
+    nib.save(nib.Nifti1Image(user.astype(np.uint8), case["affine"]), path)
+
+    def refine(**request):
+        d = {"pred": case["prob"].clone(), "image_path": str(IMAGE), **clicks, **request}
+        out = ClickRefined(keys="pred", target="brain", upload_dirs=[str(tmp_path)])(d)["pred"]
+        return (out[1] > out[0]).numpy()
+
+    plain = refine(label="brain")  # what SmartEdit sends: the segment's name, no file: the network's mask corrected
+    assert plain[edit].any() and plain[tuple(case["fg"])] and not plain[tuple(case["bg"])]
+    kept = refine(label=str(path))  # the current segmentation uploaded: corrected near the clicks, the edit kept
+    assert not kept[edit].any() and kept[tuple(case["fg"])] and not kept[tuple(case["bg"])]
+    assert np.array_equal(kept | edit, plain | edit)  # the same correction, on the segment sent
+    named = refine(label=str(path), label_info=[{"name": "brain", "id": 1}], selected_label_name="brain")
+    assert np.array_equal(named, kept)
+
+    # an ROI around the foreground click only: the background click is outside it -> 422 naming it
+    f = case["fg"]
+    roi = [f[0] + 12, f[0] - 12, f[1] - 12, f[1] + 12, f[2] - 12, f[2] + 12]  # bounds in any order, as Slicer sends
+    with pytest.raises(BadInput, match=r"background click \[.*\] is outside the ROI .* delete the ROI"):
+        refine(label="brain", roi=roi)
+    clicks.pop("background")
+    boxed = refine(label="brain", roi=roi)
+    inside = np.zeros(shape, bool)
+    inside[f[0] - 12 : f[0] + 12, f[1] - 12 : f[1] + 12, f[2] - 12 : f[2] + 12] = True
+    assert np.array_equal(boxed[~inside], case["wrong"][~inside]) and boxed[tuple(f)]
+    assert (boxed != case["wrong"]).any()
+    with pytest.raises(BadInput, match="does not overlap the image"):
+        refine(label="brain", roi=[-9, -5, 0, 4, 0, 4])
+    with pytest.raises(BadInput, match="'roi' must be voxel bounds"):
+        refine(label="brain", roi="everywhere")
+
+
+def test_a_path_in_the_request_json_is_never_opened(clicks_module, case, tmp_path):
+    """``label`` is read only when it is the file the server saved for this request's upload: a path written into
+    the request's JSON (another patient's label, any server file) is refused (scribbles) or taken as a segment name
+    (clicks), never read."""
+    ClickRefined, BadInput, ScribblesRefined = clicks_module
+    other = tmp_path / "tmp_other_patient.nii.gz"  # exists and fits the grid, but was not uploaded with the request
+    nib.save(nib.Nifti1Image(np.zeros(case["gt"].shape, np.uint8), case["affine"]), other)
+    uploads = [str(tmp_path / "uploads")]
+    for label in (str(other), str(LABEL), str(tmp_path / "uploads" / ".." / other.name), "/etc/hostname"):
+        d = {"pred": case["prob"].clone(), "image_path": str(IMAGE), "label": label}
+        with pytest.raises(BadInput, match="uploaded with the request"):
+            ScribblesRefined(keys="pred", upload_dirs=uploads)(dict(d))
+        out = ClickRefined(keys="pred", upload_dirs=uploads)({**d, "foreground": [case["fg"]]})["pred"]
+        assert (out[1] > out[0]).numpy()[case["wrong"]].mean() > 0.99  # the network's mask, the empty file unread
+
+
+def _click_mask(shape, clicks):
+    mask = np.zeros(shape, bool)
+    for points in clicks.values():
+        for q in points:
+            mask[tuple(q)] = True
+    return mask
 
 
 def _loop_script():

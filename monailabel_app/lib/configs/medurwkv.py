@@ -76,7 +76,7 @@ class MedURWKVConfig(TaskConfig):
 
     def infer(self) -> MedURWKVInfer:
         if self._infer is None:
-            self._infer = MedURWKVInfer(self.bundle_path, self.conf)
+            self._infer = MedURWKVInfer(self.bundle_path, self.conf, name=self.name)
         return self._infer
 
     def infers(self) -> Dict[str, MedURWKVInfer]:

@@ -27,6 +27,17 @@ Clicks are voxel indices ``[i, j, k]`` of the image as stored (what Slicer sends
 up with its click's class; where balls of both classes overlap, the nearer click wins (background on a tie).
 A click outside the image or a malformed list is a 422 that says which click.
 
+What a click answer replaces. 3D Slicer's SmartEdit sends only the clicks (``label`` is then the segment's *name*)
+and imports the answer over the whole segment, so the answer is the network's segmentation corrected near the
+clicks: hand edits made before in the Segment Editor are replaced (the task's ``/info/`` description says so). A
+request that uploads the current segmentation as a ``label`` file (as Scribbles does; ``label_info`` and
+``selected_label_name`` say which value is the segment, else value 1) gets that segmentation corrected near the
+clicks instead, with everything farther than ``roi_margin_mm`` kept. An ``roi`` (voxel bounds ``[i0, i1, j0, j1,
+k0, k1]``, Slicer's ROI prompt) confines the change: nothing outside it changes, and a click outside it is a 422.
+
+Only a file the server itself received with the request is read as ``label`` (:func:`uploaded_file`): a path
+written into the request's JSON (another patient's label, any server file) is never opened.
+
 Scribbles (:class:`ScribblesRefined`) go through the same refinement (:func:`refine_near_seeds`) with the stroke
 voxels as seeds (no ball around them) and correct the segmentation Slicer sends rather than the network's.
 """
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,6 +81,43 @@ def parse_clicks(request: Dict[str, Any]) -> Tuple[List[List[int]], List[List[in
                 raise BadInput(f"{key} click {p!r} is not a voxel index [i, j, k]") from None
         out.append(parsed)
     return out[0], out[1]
+
+
+def uploaded_file(path: Any, upload_dirs: Optional[Sequence[str]] = None) -> Optional[str]:
+    """``path`` if it is a file MONAI Label wrote for this request's upload, else None.
+
+    ``POST /infer`` saves an uploaded ``label`` as ``tmp*<ext>`` directly in the temporary folder and puts its path
+    in the request, where the request's own JSON (``params``) can also put any string: only a regular file whose
+    real path is directly in one of ``upload_dirs`` (default: the temporary folder) with that name is accepted.
+    """
+    if not isinstance(path, str) or not path:
+        return None
+    real = os.path.realpath(path)
+    dirs = upload_dirs if upload_dirs is not None else [tempfile.gettempdir()]
+    if os.path.dirname(real) not in {os.path.realpath(d) for d in dirs}:
+        return None
+    if not os.path.basename(real).startswith("tmp") or not os.path.isfile(real):
+        return None
+    return real
+
+
+def roi_mask(roi: Any, spatial: Sequence[int]) -> Optional[np.ndarray]:
+    """The voxels inside ``roi`` (voxel bounds ``[i0, i1, j0, j1, k0, k1]``, each pair in any order, as Slicer's
+    RAS-to-IJK conversion gives them; the upper bound excluded); None for no ROI (absent or ``[]``). A malformed
+    ROI or one that misses the image is a 422."""
+    if roi is None or (isinstance(roi, (list, tuple)) and not roi):
+        return None
+    if not isinstance(roi, (list, tuple)):
+        raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}")
+    try:
+        bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(spatial))]
+    except (TypeError, ValueError, IndexError):
+        raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
+    inside = np.zeros(tuple(spatial), bool)
+    inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
+    if not inside.any():
+        raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(spatial)})")
+    return inside
 
 
 def _spacing(prob, ndim: int) -> np.ndarray:
@@ -158,7 +207,12 @@ def refine_near_seeds(
 
 
 class ClickRefined(MapTransform):
-    """Replace the 2-channel probability ``keys`` (on the image grid) by the click-refined one-hot result."""
+    """Replace the 2-channel probability ``keys`` (on the image grid) by the click-refined one-hot result.
+
+    The segmentation corrected is the one uploaded with the request as ``label_key`` (see the module docstring),
+    else the network's; ``target`` is the segment's name when the request names none; ``upload_dirs``: where
+    uploaded files may be (:func:`uploaded_file`).
+    """
 
     needs_probabilities = True  # MedURWKVInfer caches the network's output up to this step
 
@@ -171,11 +225,15 @@ class ClickRefined(MapTransform):
         lamda: float = 20.0,
         sigma: float = 0.1,
         click_spread_mm: float = 10.0,
+        label_key: str = "label",
+        target: str = "",
+        upload_dirs: Optional[Sequence[str]] = None,
     ):
         super().__init__(keys)
         self.image_path_key = image_path_key
         self.defaults = {"click_radius_mm": click_radius_mm, "roi_margin_mm": roi_margin_mm, "lamda": lamda,
                          "sigma": sigma, "click_spread_mm": click_spread_mm}
+        self.label_key, self.target, self.upload_dirs = label_key, target, upload_dirs
 
     def _params(self, d) -> Dict[str, float]:
         p = {}
@@ -217,12 +275,41 @@ class ClickRefined(MapTransform):
         lo, hi = np.percentile(arr, [0.5, 99.5])
         return np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
 
+    def _sent(self, d, prob) -> Tuple[Optional[np.ndarray], Dict[str, int], bool]:
+        """The label volume uploaded with the request (None: none), its ``label_info`` as {name: value} and
+        whether ``label_info`` was sent. Read as the image is read, on the image's grid, else a 422."""
+        info = d.get("label_info") or []
+        if not isinstance(info, (list, tuple)) or not all(isinstance(x, dict) for x in info):
+            raise BadInput(f"'label_info' must be a list of {{'name': ..., 'id': ...}}, got {info!r}")
+        try:
+            ids = {str(x.get("name")): int(x.get("id", x.get("idx"))) for x in info}
+        except (TypeError, ValueError):
+            raise BadInput(f"every 'label_info' entry needs an integer 'id', got {info!r}") from None
+        path = uploaded_file(d.get(self.label_key), self.upload_dirs)
+        if path is None:
+            return None, ids, bool(info)
+        affine = getattr(prob, "affine", None)
+        affine = None if affine is None else np.asarray(affine, dtype=np.float64)
+        values = np.rint(self._load(path, tuple(prob.shape[1:]), self.sent_what, affine))
+        return values.astype(np.int64), ids, bool(info)
+
+    def _segment(self, d, values: np.ndarray, ids: Dict[str, int], has_info: bool) -> Optional[np.ndarray]:
+        """The segment being edited in ``values``: the one named ``selected_label_name`` (or ``target``) in
+        ``label_info``, value 1 without ``label_info``; None when it has no voxel (then the network's is used)."""
+        target = d.get("selected_label_name") or self.target
+        if not isinstance(target, str):
+            raise BadInput(f"'selected_label_name' must be a segment name, got {target!r}")
+        target_id = ids.get(target) if has_info else 1
+        segment = values == target_id if target_id is not None else None
+        return segment if segment is not None and segment.any() else None
+
     def _seeds(self, d, prob) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], str]:
         """Foreground and background seed masks, the segmentation to correct (None: the network's), the region
         the result is confined to (None: everywhere; outside it the result is that segmentation) and a
         description for the log. ``prob``: the (2, *spatial) probabilities (a MetaTensor on the image grid)."""
         spatial = tuple(prob.shape[1:])
         fg, bg = parse_clicks(d)
+        inside = roi_mask(d.get("roi"), spatial)
         masks = []
         for kind, points in (("foreground", fg), ("background", bg)):
             mask = np.zeros(tuple(spatial), bool)
@@ -232,11 +319,26 @@ class ClickRefined(MapTransform):
                     raise BadInput(f"{kind} click {point} does not fit a {len(spatial)}D image of size {list(spatial)}")
                 if any(not 0 <= x < n for x, n in zip(q, spatial)):
                     raise BadInput(f"{kind} click {point} is outside the image (size {list(spatial)})")
+                if inside is not None and not inside[tuple(q)]:
+                    raise BadInput(
+                        f"{kind} click {point} is outside the ROI {list(d.get('roi'))}: only voxels inside the ROI "
+                        f"can change. Move the click into the ROI, or delete the ROI."
+                    )
                 mask[tuple(q)] = True
             masks.append(mask)
-        return masks[0], masks[1], None, None, f"{len(fg)} foreground / {len(bg)} background click(s)"
+        values, ids, has_info = self._sent(d, prob)
+        base = self._segment(d, values, ids, has_info) if values is not None else None
+        what = f"{len(fg)} foreground / {len(bg)} background click(s)"
+        what += ", correcting the segmentation sent" if base is not None else ", correcting the network's segmentation"
+        if inside is not None:
+            what += f", inside the ROI {list(d.get('roi'))}"
+            if base is None:
+                p = prob.detach().cpu().numpy() if torch.is_tensor(prob) else np.asarray(prob)
+                base = p[1] > p[0]
+        return masks[0], masks[1], base, inside, what
 
     seed_radius_key = "click_radius_mm"
+    sent_what = "the segmentation sent as 'label'"  # how errors name the uploaded label volume
 
     def __call__(self, data):
         d = dict(data)
@@ -268,40 +370,32 @@ class ScribblesRefined(ClickRefined):
     """As :class:`ClickRefined`, with the seeds painted in 3D Slicer's Scribbles tool.
 
     What Slicer sends (its ``onUpdateScribbles``): the whole segmentation as one label volume on the image's grid
-    (``label``: a path), ``label_info`` (``[{"name", "id"}, ...]``: which value is which segment), the segment the
-    result is for (``selected_label_name``) and an optional ``roi`` (voxel bounds ``[i0, i1, j0, j1, k0, k1]``).
-    Scribble values come from ``label_info`` (``foreground_scribbles`` / ``background_scribbles``), else MONAI
-    Label's defaults 3 / 2 when there is no ``label_info`` (with it, a name it lacks means no strokes of that
+    (``label``: the uploaded file), ``label_info`` (``[{"name", "id"}, ...]``: which value is which segment), the
+    segment the result is for (``selected_label_name``) and an optional ``roi`` (voxel bounds ``[i0, i1, j0, j1,
+    k0, k1]``). Scribble values come from ``label_info`` (``foreground_scribbles`` / ``background_scribbles``), else
+    MONAI Label's defaults 3 / 2 when there is no ``label_info`` (with it, a name it lacks means no strokes of that
     class). The segmentation corrected is the user's own (the selected segment, or value 1 when there is no
     ``label_info``), so edits far from the strokes are kept; without it, the network's. With an ROI, only strokes
     inside it steer the refinement and outside it the segmentation is kept (voxels painted there take their
     stroke's class). No strokes: the segmentation sent (or the network's) comes back unchanged. A stroke volume
-    that cannot be read or is not on the image's grid (shape and voxel-to-world matrix) is a 422.
+    that is not an uploaded file, cannot be read or is not on the image's grid (shape and voxel-to-world matrix)
+    is a 422.
     """
 
     seed_radius_key = None  # a painted stroke already has its width
+    sent_what = "the scribbles label"
 
     def __init__(self, keys: str = "pred", label_key: str = "label", target: str = "", **kwargs):
-        super().__init__(keys, **kwargs)
+        super().__init__(keys, label_key=label_key, target=target, **kwargs)
         self.defaults.pop("click_radius_mm")
-        self.label_key, self.target = label_key, target
 
     def _seeds(self, d, prob):
         spatial = tuple(prob.shape[1:])
-        path = d.get(self.label_key)
-        if not isinstance(path, str) or not path:
-            raise BadInput("scribbles need the segmentation with the strokes as 'label' (a label volume on the image's grid)")
-        affine = getattr(prob, "affine", None)
-        affine = None if affine is None else np.asarray(affine, dtype=np.float64)
-        values = np.rint(self._load(path, spatial, "the scribbles label", affine)).astype(np.int64)
-        info = d.get("label_info") or []
-        if not isinstance(info, (list, tuple)) or not all(isinstance(x, dict) for x in info):
-            raise BadInput(f"'label_info' must be a list of {{'name': ..., 'id': ...}}, got {info!r}")
-        try:
-            ids = {str(x.get("name")): int(x.get("id", x.get("idx"))) for x in info}
-        except (TypeError, ValueError):
-            raise BadInput(f"every 'label_info' entry needs an integer 'id', got {info!r}") from None
-        if info:  # Slicer numbers its segments in order: only the names it sends say which value is a stroke
+        values, ids, has_info = self._sent(d, prob)
+        if values is None:
+            raise BadInput("scribbles need the segmentation with the strokes as 'label' (a label volume on the image's "
+                           "grid, uploaded with the request)")
+        if has_info:  # Slicer numbers its segments in order: only the names it sends say which value is a stroke
             fg_id, bg_id = ids.get("foreground_scribbles"), ids.get("background_scribbles")
         else:
             fg_id, bg_id = FG_SCRIBBLE, BG_SCRIBBLE
@@ -309,26 +403,12 @@ class ScribblesRefined(ClickRefined):
             raise BadInput(f"foreground and background scribbles have the same id {fg_id} in 'label_info'")
         fg = values == fg_id if fg_id is not None else np.zeros(spatial, bool)
         bg = values == bg_id if bg_id is not None else np.zeros(spatial, bool)
-        target = d.get("selected_label_name") or self.target
-        if not isinstance(target, str):
-            raise BadInput(f"'selected_label_name' must be a segment name, got {target!r}")
-        target_id = ids.get(target) if info else 1
-        base = values == target_id if target_id is not None and (values == target_id).any() else None
+        base = self._segment(d, values, ids, has_info)
         what = f"{int(fg.sum())} foreground / {int(bg.sum())} background scribble voxel(s)"
         what += ", correcting the segmentation sent" if base is not None else ", correcting the network's segmentation"
-        roi = d.get("roi") or []
-        if not roi:
+        inside = roi_mask(d.get("roi"), spatial)
+        if inside is None:
             return fg, bg, base, None, what
-        if not isinstance(roi, (list, tuple)):
-            raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}")
-        try:
-            bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(spatial))]
-        except (TypeError, ValueError, IndexError):
-            raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
-        inside = np.zeros(spatial, bool)
-        inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
-        if not inside.any():
-            raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(spatial)})")
         # outside the ROI the strokes do not steer the refinement, but the voxels painted there keep their class
         # (Slicer paints strokes over the segment: without this they would come back as holes)
         p = prob.detach().cpu().numpy() if torch.is_tensor(prob) else np.asarray(prob)
@@ -349,7 +429,7 @@ class MedURWKVClicks(MedURWKVInfer):
     """
 
     def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
-        super().__init__(path, conf)
+        super().__init__(path, conf, name=share.model_name if share is not None else None)
         if share is not None:
             self._networks = share._networks
             self._network_lock = share._network_lock
@@ -366,9 +446,14 @@ class MedURWKVClicks(MedURWKVInfer):
         }
         self._config.update(self.refine_defaults)
         self.description = (
-            "Med-URWKV with click-guided correction: foreground/background clicks refine the automatic "
-            "segmentation near them (ISeg unary + graph cut on the network's probabilities)."
-        )
+            "Med-URWKV with click-guided correction: foreground/background clicks correct the AUTOMATIC "
+            "segmentation within {margin:g} mm of them (ISeg unary + graph cut on the network's probabilities). "
+            "3D Slicer's SmartEdit sends only the clicks, so each answer replaces the whole segment: edits made "
+            "earlier with the Segment Editor are lost. Click first, then edit by hand, or use Scribbles "
+            "({scribbles}), which keeps your edits. A client that uploads the current segmentation as 'label' "
+            "gets it corrected near the clicks, the rest kept. With an ROI placed, only voxels inside it change "
+            "(a click outside it is refused)."
+        ).format(margin=self.refine_defaults["roi_margin_mm"], scribbles=f"{self.model_name}_scribbles")
 
     def post_transforms(self, data=None) -> Sequence:
         transforms = list(super().post_transforms(data))
@@ -379,7 +464,8 @@ class MedURWKVClicks(MedURWKVInfer):
         return transforms
 
     def refiner(self) -> ClickRefined:
-        return ClickRefined(keys=self.key_pred, **self.refine_defaults)
+        target = next(iter(self.labels), "") if isinstance(self.labels, dict) else ""
+        return ClickRefined(keys=self.key_pred, target=target, **self.refine_defaults)
 
     def __call__(self, request, callbacks=None):
         parse_clicks(request)  # malformed click lists fail before the volume is segmented

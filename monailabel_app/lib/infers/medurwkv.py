@@ -193,9 +193,13 @@ class MedURWKVInfer(BundleInferTask):
         conf: the app's ``--conf`` dict (``amp``, ``infer_concurrency``).
         dropout: decoder dropout set on the network (``> 0`` for MC-dropout scoring, with ``mc_dropout=True``).
         mc_dropout: put only dropout layers in train mode (``medurwkv.nets.medurwkv.enable_mc_dropout``).
+        name: the model's name in the app (what Slicer lists and trains; default: the bundle folder's name).
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], dropout: float = 0.0, mc_dropout: bool = False):
+    def __init__(
+        self, path: str, conf: Dict[str, str], dropout: float = 0.0, mc_dropout: bool = False, name: Optional[str] = None
+    ):
+        self.model_name = name or os.path.basename(os.path.normpath(path))
         # BundleInferTask.__init__ is not called: it drops a bundle without weights and builds the network
         # eagerly; the attributes its transform methods use are set here instead.
         self.valid = False
@@ -413,9 +417,9 @@ class MedURWKVInfer(BundleInferTask):
                 st = os.stat(path)
             except FileNotFoundError:
                 raise ModelNotReady(
-                    f"Model '{os.path.basename(self.bundle_path)}' has no trained weights yet ({path} is missing). "
-                    f"Submit labels (Submit Label in Slicer) and run Train: inference starts working as soon as "
-                    f"training saves its first checkpoint."
+                    f"Model '{self.model_name}' has no trained weights yet. Submit labels (Submit Label in Slicer) "
+                    f"and run Train with trainer '{self.model_name}': inference starts working as soon as training "
+                    f"saves its first checkpoint."
                 ) from None
             stamp = (st.st_mtime_ns, st.st_size)
             with self._network_lock:
