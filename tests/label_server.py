@@ -13,6 +13,7 @@ Used by every test module that needs a server; each module starts its own (modul
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -250,3 +251,17 @@ def http(c, method: str, selector: str, body=None):
         return status, json.loads(response) if response else None
     except ValueError:  # a file
         return status, response
+
+
+@contextlib.contextmanager
+def serving(c: Ctx, **start_kwargs):
+    """Start ``c.server`` on loopback, give ``c`` a ``MONAILabelClient`` (as 3D Slicer's module uses) and stop the
+    server when the block ends: the body of every module-scoped server fixture."""
+    from monailabel.client import MONAILabelClient
+
+    try:
+        c.server.start(host="127.0.0.1", **start_kwargs)
+        c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
+        yield c
+    finally:
+        c.server.stop()

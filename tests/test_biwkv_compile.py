@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medurwkv.ops import bi_wkv, bi_wkv_torch
+from medurwkv.ops import bi_wkv
 
 
 @pytest.fixture(autouse=True)

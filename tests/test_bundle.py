@@ -9,7 +9,6 @@ subprocess checks several things.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from label_server import APP, MODEL, http, stage, status_of, wait_for
+from label_server import APP, MODEL, serving, stage, status_of, wait_for
 
 sys.path.insert(0, str(APP))
 try:
@@ -449,7 +449,6 @@ class RssSampler:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    from monailabel.client import MONAILabelClient
 
     c = stage(tmp_path_factory.mktemp("security_files"))
     # a dataset volume linked into the studies (as --studies sample_data does) and a sentinel folder outside
@@ -469,11 +468,9 @@ def srv(tmp_path_factory):
     c.files = c.root / "probe_files"
     c.files.mkdir()
     try:
-        c.server.start(host="127.0.0.1")
-        c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
-        yield c
+        with serving(c):
+            yield c
     finally:
-        c.server.stop()
         if PROBES:
             print("\nprobe | status | seconds | peak RSS MB (server + children)")
             for row in PROBES:

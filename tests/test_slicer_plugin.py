@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 

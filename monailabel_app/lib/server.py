@@ -844,9 +844,16 @@ def infer_inputs_only_from_request(limits) -> bool:
     def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
         if image and not file and not session_id:
             safe_name(image, "image id")
-        named = sorted(set(_json_object(params, "params")) & REQUEST_FILE_KEYS)
+        p = _json_object(params, "params")
+        named = sorted(set(p) & REQUEST_FILE_KEYS - {"label"})
         if named:  # monailabel copies params over the request: they would replace the files it was given
             raise BadInput(f"'params' may not set {', '.join(named)}: send the volume or label as a file or session.")
+        if "label" in p:  # 3D Slicer's SmartEdit names the segment here (MONAILabel.py: params["label"]): a name only
+            if p["label"] is not None:
+                safe_name(p["label"], "segment name in 'params' (label)")
+            if label is not None:  # an uploaded label file: its path must not be replaced by the name
+                del p["label"]
+                params = json.dumps(p)
         with _Received(limits) as received:
             allowed = set()
             if file:

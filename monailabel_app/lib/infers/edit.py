@@ -26,10 +26,9 @@ as 3D, so Slicer imports the whole answer, not only the clicked slice.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +38,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from medurwkv.guidance import AddClickGuidanced, guidance_points, infer_slices_with_clicks, map_points
 
 from ..errors import BadInput
-from .clicks import ClickRefined
+from ..options import Opt
+from .clicks import ClickRefined, uploaded_file
 from .medurwkv import MedURWKVInfer, ProbabilityCache
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def edit_available(bundle_path: str) -> bool:
 def parse_edit_clicks(request: Dict[str, Any], label_names: Sequence[str]) -> Dict[str, List[List[int]]]:
     """``{label name: [[i, j, k], ...]}`` from a request; a 422 naming the first malformed click or unknown name."""
     selected = request.get("label")
-    if isinstance(selected, str) and selected and not os.path.isfile(selected) and selected not in label_names:
+    if isinstance(selected, str) and selected and not uploaded_file(selected) and selected not in label_names:
         raise BadInput(f"unknown label '{selected}': this model's labels are {list(label_names)}")
     for key, value in request.items():  # click lists under a name the model does not have (e.g. deepgrow's)
         if key not in label_names and key != "roi" and _looks_like_clicks(value):
@@ -154,8 +154,8 @@ class EditResultd(MapTransform):
         spatial = arr.shape[-3:]
         fg = arr.reshape(-1, *spatial)[-1] > 0
         src, dst, _ = d["edit_grid"]
-        path = d.get("label")
-        if isinstance(path, str) and os.path.isfile(path):
+        path = uploaded_file(d.get("label"))  # only the segment uploaded with this request, never a path sent
+        if path is not None:
             values = np.rint(ClickRefined()._load(path, spatial, "the segmentation sent", src)).astype(np.int64)
             base = values == (1 if values.max() <= 1 else self._target_id(d))
             steered = np.zeros(spatial, bool)
@@ -228,6 +228,13 @@ class MedURWKVEdit(MedURWKVInfer):
             raise RuntimeError(f"{EDIT_CONFIG}'s preprocessing has no AddClickGuidanced step")
         transforms.insert(at, EditClicksToGridd(list(self.label_names), keys=self.input_key))
         return transforms
+
+    def options(self):
+        """The automatic task's options, plus one click list per label name (as Slicer sends deepedit clicks)."""
+        opts = super().options()
+        for name in self.label_names:
+            opts.setdefault(name, Opt(list, doc=f"clicks [[i, j, k], ...] for '{name}'"))
+        return opts
 
     def post_transforms(self, data=None) -> Sequence:
         transforms = list(super().post_transforms(data))
