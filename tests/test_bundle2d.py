@@ -108,12 +108,13 @@ def test_bad_mask_stops_training_before_anything_is_written(bundle, tmp_path):
     assert not (work / "models").exists() or not any((work / "models").glob("*.pt"))
 
 
-def _parser(**override):
+def _parser(tmp_path, **override):
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
     p.read_config(str(BUNDLE / "configs" / "train.json"))
-    p.update({"bundle_root": str(BUNDLE), "dataset_dir": str(DATA), "num_workers": 0, "image_size": [32, 32], **override})
+    p.update({"bundle_root": str(BUNDLE), "dataset_dir": str(DATA), "num_workers": 0, "image_size": [32, 32],
+              "output_dir": str(tmp_path / "eval"), "ckpt_dir": str(tmp_path / "models"), **override})  # nothing written into the repo
     return p
 
 
@@ -127,19 +128,19 @@ def test_any_monai_network_swaps_in_through_network_def_alone(tmp_path):
     enc = tmp_path / "encoder.pt"
     torch.save(MedURWKV(3, 3, "tiny", "plain").pretrained_module.state_dict(), enc)
     basic = {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 3, "out_channels": "@num_classes"}
-    p = _parser(network_def=basic, pretrained_encoder_path=str(enc))
+    p = _parser(tmp_path, network_def=basic, pretrained_encoder_path=str(enc))
     assert isinstance(p.get_parsed_content("network_def"), BasicUNet)
     handlers = p.get_parsed_content("train#handlers")
     assert not any(isinstance(h, FreezeEncoderHandler) for h in handlers)
     # Med-URWKV with a pretrained encoder: loaded by network_def itself, and frozen for the first epochs
-    p = _parser(encoder="plain", pretrained_encoder_path=str(enc), freeze_encoder_epochs=2)
+    p = _parser(tmp_path, encoder="plain", pretrained_encoder_path=str(enc), freeze_encoder_epochs=2)
     net = p.get_parsed_content("network_def")
     want = torch.load(enc, weights_only=True)
     assert all(torch.equal(v, want[k]) for k, v in net.pretrained_module.state_dict().items())
     freeze = [h for h in p.get_parsed_content("train#handlers") if isinstance(h, FreezeEncoderHandler)]
     assert len(freeze) == 1 and freeze[0].epochs == 2
     # without pretrained weights nothing is frozen
-    assert not any(isinstance(h, FreezeEncoderHandler) for h in _parser(encoder="plain").get_parsed_content("train#handlers"))
+    assert not any(isinstance(h, FreezeEncoderHandler) for h in _parser(tmp_path, encoder="plain").get_parsed_content("train#handlers"))
 
 
 def test_metadata_follows_the_bundle_schema():
