@@ -105,9 +105,11 @@ def test_dataset_folder_as_studies_is_linked_not_written(tmp_path):
 def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_path):
     import torch
 
+    from medurwkv.checkpoint import file_stamp as _file_stamp  # what the cache keys are made of
+
     sys.path.insert(0, str(APP))
     try:
-        from lib.infers.medurwkv import ProbabilityCache, _file_stamp
+        from lib.infers.medurwkv import ProbabilityCache
     finally:
         sys.path.remove(str(APP))
     f = tmp_path / "t1.nii.gz"

@@ -19,9 +19,9 @@ Changes to the stock task:
 * **Few labels.** Training with no final label fails at once with a message. With fewer labeled volumes than
   the split needs, validation reuses the training volumes (it then monitors fit only), so that the
   key-metric checkpoint (``model.pt``) is still written.
-* **Progress.** ``lib.trainers.progress.TrainProgress`` prints one line per iteration/epoch (shown by
-  ``GET /train/`` and the logs) and keeps ``models/train_stats.json`` for ``/info/`` ``train_stats``, which
-  3D Slicer uses for its training and accuracy bars.
+* **Progress.** The bundle's ``medurwkv.engines.ProgressBar`` prints lines (``lines=True``) instead of a bar,
+  one per iteration/epoch (shown by ``GET /train/`` and the logs), and keeps ``models/train_stats.json`` for
+  ``/info/`` ``train_stats``, which 3D Slicer uses for its training and accuracy bars.
 * **Devices.** CPU when there is no GPU; multi-GPU only with more than one GPU and a ``multi_gpu_train`` config.
 * **Options are data.** Only the options listed by :meth:`MedURWKVTrain.options` are accepted, each with its type
   and range (``lib/options.py``); the server checks them before it starts the process, and the process again.
@@ -282,17 +282,19 @@ class MedURWKVTrain(BundleTrainTask):
                 logger.info("No pretrained encoder weights found: the encoder starts from random initialisation")
         handlers = overrides.get(self.const.key_train_handlers())
         if isinstance(handlers, list):
-            for h in handlers:  # tqdm bars redraw with \r: unreadable in /train/ details; our lines replace them
-                if isinstance(h, dict) and str(h.get("_target_", "")).endswith("ProgressBar"):
-                    h["disable"] = True
-            progress = {
-                "_target_": "lib.trainers.progress.TrainProgress",
-                "stats_file": self.stats_path,
-                "name": self.name,
-            }
+            # log lines instead of a tqdm bar (its \r redraws are unreadable in /train/ details), and the stats
+            # JSON that /info/ train_stats (Slicer's progress and accuracy bars) reads
+            progress = {"lines": True, "stats_file": self.stats_path, "desc": self.name}
             if self.bundle_config.get("validate#evaluator") is not None:
                 progress["validator"] = "@validate#evaluator"
-            handlers.append(progress)
+            ours = [h for h in handlers if isinstance(h, dict) and h.get("_target_") == "medurwkv.engines.ProgressBar"]
+            for h in handlers:
+                if isinstance(h, dict) and str(h.get("_target_", "")).endswith("ProgressBar") and h not in ours:
+                    h["disable"] = True
+            if ours:
+                ours[0].update(progress)
+            else:
+                handlers.append({"_target_": "medurwkv.engines.ProgressBar", **progress})
         return overrides
 
     def __call__(self, request, datastore: Datastore):
