@@ -411,6 +411,11 @@ class MedURWKVInfer(BundleInferTask):
                 return network
         raise AssertionError("unreachable")
 
+    def loaded_network(self, device: str, data: Optional[Dict[str, Any]] = None) -> Tuple[torch.nn.Module, threading.Lock]:
+        """The network loaded from the current ``model.pt`` on ``device`` (reloaded when the file changed), and the
+        lock to hold while running it: for other tasks that run it themselves (MC-dropout scoring)."""
+        return self._get_network(device, data), self._device_lock(device)
+
     def warm_up(self) -> None:
         """Build the network, and load the weights if there are any (the server calls this at start)."""
         try:
