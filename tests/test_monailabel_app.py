@@ -3,8 +3,10 @@
 One server (``python -m monailabel.main start_server``) runs for the whole module on 127.0.0.1 and a free port,
 over copies of the app and of the bundle in a temporary folder (nothing is written into the repository) and a
 studies folder of tiny volumes cut from sample_data/. Everything goes through
-``monailabel.client.MONAILabelClient``, as 3D Slicer's module does. The tests run in file order and build on
-each other (no weights -> first training -> inference -> load -> uncertainty -> killed training -> restart).
+``monailabel.client.MONAILabelClient``, as 3D Slicer's module does. Two staged module fixtures: ``server``, the
+started server without weights, and ``trained``, the same server once the CLI loop's first round has trained it
+(built on first use). Each test asks for the stage it needs, so any one runs alone (``-k``); in file order the
+whole module trains as often as one chain would (first training, killed training, worse retraining).
 
 The server, its staging (tiny volumes, 64 x 64 windows) and the offline guard are in ``tests/label_server.py``.
 """
@@ -40,7 +42,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
+def server(tmp_path_factory):
+    """A started server over the staged app, bundle (no weights) and studies."""
     from monailabel.client import MONAILabelClient
 
     c = stage(tmp_path_factory.mktemp("monailabel_app"))
@@ -50,6 +53,30 @@ def ctx(tmp_path_factory):
         yield c
     finally:
         c.server.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(server):
+    """``server`` after one round of the CLI loop (next sample -> infer -> simulated correction -> submit -> train
+    one epoch): ``models/model.pt`` exists and one volume has a final label (``results["first_labeled"]``). The
+    loop's output is kept in ``results["loop"]`` for the test that checks it."""
+    c = server
+    if "loop" not in c.results:
+        out = c.root / "al" / "dice.png"
+        out.parent.mkdir()
+        cmd = [sys.executable, str(c.app / "active_learning_loop.py"), "--server", c.server.url]
+        cmd += ["--labels", str(c.gt), "--rounds", "1", "--max-epochs", "1", "--strategy", "uncertainty"]
+        cmd += ["--eval-images", str(c.eval_images), "--eval-labels", str(c.eval_labels), "--out", str(out)]
+        run = subprocess.run(cmd, env=c.env, capture_output=True, text=True, timeout=1100)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        rows = json.loads(out.with_suffix(".json").read_text())["rounds"]
+        c.results["loop"] = {"plot": out, "rows": rows}
+        c.results["first_labeled"] = rows[0]["sample"]
+    return c
+
+
+def _labeled(c) -> set:
+    return {i for i, o in c.client.datastore()["objects"].items() if "final" in o["labels"]}
 
 
 def _infer(c, image: str, **kw):
@@ -105,9 +132,11 @@ def test_dataset_folder_as_studies_is_linked_not_written(tmp_path):
 def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_path):
     import torch
 
+    from medurwkv.checkpoint import file_stamp as _file_stamp  # what the cache keys are made of
+
     sys.path.insert(0, str(APP))
     try:
-        from lib.infers.medurwkv import ProbabilityCache, _file_stamp
+        from lib.infers.medurwkv import ProbabilityCache
     finally:
         sys.path.remove(str(APP))
     f = tmp_path / "t1.nii.gz"
@@ -139,8 +168,9 @@ def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_p
     assert off.get(("a",)) is None
 
 
-# ------------------------------------------------------------------------------------- server, in order
-def test_info_lists_model_and_says_there_are_no_weights(ctx):
+# ------------------------------------------------------------------------------------- server
+def test_info_lists_model_and_says_there_are_no_weights(server):
+    ctx = server
     from monailabel.client.client import MONAILabelClientException
 
     info = ctx.client.info()
@@ -167,14 +197,16 @@ def test_info_lists_model_and_says_there_are_no_weights(ctx):
     assert "NO TRAINED WEIGHTS" in ctx.server.log()
 
 
-def test_startup_is_offline_and_on_loopback(ctx):
+def test_startup_is_offline_and_on_loopback(server):
+    ctx = server
     assert not ctx.netlog.exists(), f"network lookups outside loopback: {ctx.netlog.read_text()}"
     assert ctx.server.listening_addresses() == {"127.0.0.1"}
     assert "runs in the worker-thread pool" in ctx.server.log()
     assert ctx.client.auth_enabled() is False  # the login is off by default on loopback (what Slicer asks first)
 
 
-def test_bad_inputs_get_4xx_with_a_message(ctx):
+def test_bad_inputs_get_4xx_with_a_message(server):
+    ctx = server
     from monailabel.client.client import MONAILabelClientException
 
     bad = ctx.root / "bad"
@@ -246,23 +278,16 @@ def test_bad_inputs_get_4xx_with_a_message(ctx):
     assert ctx.client.info()["datastore"]["completed"] == 0  # nothing bad was stored
 
 
-def test_active_learning_loop_first_training(ctx):
+def test_active_learning_loop_first_training(trained):
     """The CLI loop: next sample -> infer (409, no weights yet) -> simulated correction -> submit -> train."""
-    out = ctx.root / "al" / "dice.png"
-    out.parent.mkdir()
-    cmd = [sys.executable, str(ctx.app / "active_learning_loop.py"), "--server", ctx.server.url]
-    cmd += ["--labels", str(ctx.gt), "--rounds", "1", "--max-epochs", "1", "--strategy", "uncertainty"]
-    cmd += ["--eval-images", str(ctx.eval_images), "--eval-labels", str(ctx.eval_labels), "--out", str(out)]
-    run = subprocess.run(cmd, env=ctx.env, capture_output=True, text=True, timeout=1100)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ctx = trained
+    out, rows = ctx.results["loop"]["plot"], ctx.results["loop"]["rows"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(out.with_suffix(".json").read_text())["rounds"]
     assert len(rows) == 1
     row = rows[0]
     assert row["sample"] in VOLUMES and row["labeled"] == 1
     assert row["sample_dice"] is None  # there were no weights when the sample was handed out
     assert 0.0 <= row["eval_dice"] <= 1.0
-    ctx.results["first_labeled"] = row["sample"]
 
     # the training wrote the weights, reported progress, and /info/ now has them
     assert ctx.weights.is_file()
@@ -276,14 +301,14 @@ def test_active_learning_loop_first_training(ctx):
     assert "[medurwkv] epoch 1/1 iteration 1/1" in log and "[medurwkv] finished 1 epoch(s)" in log
 
 
-def test_infer_same_grid_for_datastore_images_and_sessions(ctx):
+def test_infer_same_grid_for_datastore_images_and_sessions(trained):
+    ctx = trained
     for vid in ("colin_a", "itk_c"):  # RAS and LSA (coronal slices) volumes
         data, affine, dtype, params = _infer(ctx, vid)
         _assert_same_grid(affine, data.shape, ctx.studies / f"{vid}.nii.gz")
         assert dtype == np.uint8 and set(np.unique(data)) <= {0, 1}
         assert params["label_names"] == {"brain": 1}
         assert params["weights"]["mtime_ns"] == ctx.weights.stat().st_mtime_ns
-        ctx.results[f"{vid}_first"] = data
 
     # a volume loaded locally in Slicer goes up as a session
     session = ctx.client.create_session(str(ctx.eval_images / "colin_eval.nii.gz"))["session_id"]
@@ -294,7 +319,8 @@ def test_infer_same_grid_for_datastore_images_and_sessions(ctx):
     _assert_same_grid(affine, data.shape, ctx.eval_images / "colin_eval.nii.gz")
 
 
-def test_twenty_concurrent_infers_while_info_answers(ctx):
+def test_twenty_concurrent_infers_while_info_answers(trained):
+    ctx = trained
     from monailabel.client import MONAILabelClient
 
     def one(i):
@@ -339,7 +365,8 @@ def test_twenty_concurrent_infers_while_info_answers(ctx):
     assert max(info_latency) < min(5.0, latencies[0]), info_latency
 
 
-def test_uncertainty_scores_and_next_sample(ctx):
+def test_uncertainty_scores_and_next_sample(trained):
+    ctx = trained
     weights_stamp = ctx.client.info()["models"][MODEL]["weights"]["mtime_ns"]
     first = ctx.results["first_labeled"]
     unlabeled = sorted(set(VOLUMES) - {first})
@@ -371,13 +398,15 @@ def test_uncertainty_scores_and_next_sample(ctx):
     assert second["id"] in unlabeled and second["id"] != sample["id"]
 
 
-def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
+def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(trained):
+    ctx = trained
     from monailabel.client.client import MONAILabelClientException
 
     first = ctx.results["first_labeled"]
     second = next(v for v in ("colin_a", "colin_b") if v != first)
     ctx.client.save_label(second, str(ctx.gt / f"{second}.nii.gz"), tag="final")  # 2 volumes: 2 iterations/epoch
     before = ctx.weights.stat().st_mtime_ns
+    old_weights, _, _, _ = _infer(ctx, "itk_c")
 
     # from the bundle's initialisation, so that the epoch-1 model is saved whatever its score (a fine-tuning run
     # replaces model.pt only with a better model: see the next test)
@@ -427,13 +456,13 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(ctx):
     data, affine, _, params = _infer(ctx, "itk_c")  # hot-reloaded: the result now comes from the new weights
     assert params["weights"]["mtime_ns"] == checkpoint
     _assert_same_grid(affine, data.shape, ctx.studies / "itk_c.nii.gz")
-    assert not np.array_equal(data, ctx.results["itk_c_first"]), "the segmentation did not change with new weights"
-    ctx.results["labeled"] = {first, second}
+    assert not np.array_equal(data, old_weights), "the segmentation did not change with new weights"
 
 
-def test_retraining_that_does_worse_keeps_the_served_model(ctx):
+def test_retraining_that_does_worse_keeps_the_served_model(trained):
     """Fine-tuning validates the served model first; a run that only does worse (learning rate 10) leaves
     models/model.pt, and so what Slicer gets, as it was."""
+    ctx = trained
     before = ctx.weights.stat().st_mtime_ns
     served, _, _, _ = _infer(ctx, "itk_c")
     ctx.client.train_start(MODEL, {"max_epochs": 1, "val_interval": 1, "learning_rate": 10.0})
@@ -447,10 +476,11 @@ def test_retraining_that_does_worse_keeps_the_served_model(ctx):
     assert params["weights"]["mtime_ns"] == before and np.array_equal(again, served)
 
 
-def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
+def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(trained):
     """What SmartEdit sends: voxel indices of the image as stored. Without clicks the answer is the automatic
     segmentation; a foreground click outside it and a background click inside it flip those voxels, and nothing
     farther than roi_margin_mm (30 mm) from a click changes."""
+    ctx = trained
     from monailabel.client.client import MONAILabelClientException
 
     auto, affine, _, _ = _infer(ctx, "itk_c")
@@ -494,10 +524,11 @@ def test_click_guided_correction_flips_clicked_voxels_and_nothing_far_away(ctx):
     assert len(strokes) == 3 and strokes[-1] > al.dice(pred, truth)
 
 
-def test_scribbles_correct_the_segmentation_sent_near_the_strokes(ctx, tmp_path):
+def test_scribbles_correct_the_segmentation_sent_near_the_strokes(trained, tmp_path):
     """What Slicer's Scribbles tool sends: the segmentation being edited with the strokes painted over it (one label
     volume, uploaded as ``label``), label_info and the segment to correct. The user's own edit far from the
     strokes survives; stroke voxels get their class; nothing beyond 30 mm of a stroke changes."""
+    ctx = trained
     from monailabel.client.client import MONAILabelClientException
     from scipy import ndimage as ndi
 
@@ -530,7 +561,10 @@ def test_scribbles_correct_the_segmentation_sent_near_the_strokes(ctx, tmp_path)
     assert status_of(e.value) == 422 and "must be on the image's grid" in e.value.msg
 
 
-def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):
+def test_restart_keeps_labels_and_binds_loopback_by_default(trained):
+    ctx = trained
+    labeled = _labeled(ctx)
+    assert labeled  # the trained stage has at least one final label
     ctx.server.stop()
     # the bare command: no --host (monailabel would listen on 0.0.0.0, the app makes it 127.0.0.1), no --conf
     ctx.server.start(host=None, conf=False)
@@ -538,19 +572,20 @@ def test_restart_keeps_labels_and_binds_loopback_by_default(ctx):
     assert ctx.client.info()["models"][MODEL]["weights"]["mtime_ns"] == ctx.weights.stat().st_mtime_ns
     assert ctx.server.listening_addresses() == {"127.0.0.1"}
     assert "No --host given: listening on 127.0.0.1" in ctx.server.log(since_start=True)
-    objects = ctx.client.datastore()["objects"]
-    assert {i for i, o in objects.items() if "final" in o["labels"]} == ctx.results["labeled"]
-    assert ctx.client.info()["datastore"]["completed"] == 2
+    assert _labeled(ctx) == labeled
+    assert ctx.client.info()["datastore"]["completed"] == len(labeled)
     data, affine, _, _ = _infer(ctx, "colin_b")
     _assert_same_grid(affine, data.shape, ctx.studies / "colin_b.nii.gz")
     assert not ctx.netlog.exists(), f"network lookups outside loopback: {ctx.netlog.read_text()}"
 
 
-def test_slicer_local_volume_flow(ctx):
+def test_slicer_local_volume_flow(server):
     """Slicer with a locally loaded volume: Submit Label first uploads the volume, then saves the label."""
+    ctx = server
+    completed = ctx.client.info()["datastore"]["completed"]
     ctx.client.upload_image(str(ctx.eval_images / "colin_eval.nii.gz"), "colin_eval")
     ctx.client.save_label("colin_eval", str(ctx.eval_labels / "colin_eval.nii.gz"), tag="final")
-    assert ctx.client.info()["datastore"]["completed"] == 3
+    assert ctx.client.info()["datastore"]["completed"] == completed + 1
     status, _ = _http(ctx, "GET", "/datastore/image?image=colin_eval")  # what Next Sample downloads
     assert status == 200
     path = ctx.client.download_label("colin_eval", "final")
@@ -560,7 +595,8 @@ def test_slicer_local_volume_flow(ctx):
     )
 
 
-def test_mismatched_weights_are_refused_with_a_clear_error(ctx):
+def test_mismatched_weights_are_refused_with_a_clear_error(trained):
+    ctx = trained
     import torch
     from monailabel.client.client import MONAILabelClientException
 

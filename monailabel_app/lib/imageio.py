@@ -21,8 +21,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import BadInput, TooLarge, UnsupportedFile
-
-IMAGE_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+from .studies import VOLUME_SUFFIXES as IMAGE_SUFFIXES
 
 
 @dataclass

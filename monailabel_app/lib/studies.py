@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterable, List
+from typing import Iterable, List, Tuple
 
 logger = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# the volume file formats MONAI Label reads (lower case); lib/imageio.py checks uploads against the same list
+VOLUME_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _has_volumes(folder: str) -> bool:

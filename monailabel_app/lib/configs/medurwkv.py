@@ -27,7 +27,7 @@ from monailabel.utils.others.generic import strtobool
 from ..activelearning import MostUncertain
 from ..infers import MedURWKVClicks, MedURWKVInfer, MedURWKVScribbles
 from ..infers.edit import MedURWKVEdit, edit_available
-from ..infers.medurwkv import weights_state
+from ..infers.medurwkv import bundle_labels, weights_state
 from ..scoring import MCDropoutScoring
 from ..trainers import MedURWKVTrain
 
@@ -64,9 +64,7 @@ class MedURWKVConfig(TaskConfig):
         self.bundle_path = find_bundle(app_dir, conf)
         with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
             metadata = json.load(f)
-        pred = next(iter(metadata["network_data_format"]["outputs"].values()))
-        self.channel_def = {int(k): v for k, v in pred.get("channel_def", {}).items()}
-        self.labels = {v.lower(): k for k, v in self.channel_def.items() if v.lower() != "background"}
+        self.channel_def, self.labels = bundle_labels(os.path.join(self.bundle_path, "configs", "metadata.json"))
         self.path = os.path.join(self.bundle_path, "models", "model.pt")
         self.metadata = metadata
         self._infer: Optional[MedURWKVInfer] = None

@@ -46,6 +46,9 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.transform.pre import LoadImageTensord
 
+from medurwkv.checkpoint import CheckpointError, file_stamp, load_state_dict_strict, load_weights
+from medurwkv.data2d import channel_def
+
 from ..errors import BadInput, ModelNotReady, WeightsError
 from ..options import COMMON, Opt, check_options, devices, options_like
 
@@ -75,54 +78,11 @@ def weights_state(path: str) -> Dict[str, Any]:
     }
 
 
-def load_state_dict_file(path: str, device: str) -> Dict[str, torch.Tensor]:
-    """Tensor-only load (``weights_only=True``) of a raw state dict or ``{"model": state_dict}``."""
-    ckpt = torch.load(path, map_location=torch.device(device), weights_only=True)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        ckpt = ckpt["model"]
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise WeightsError(f"{path} is not a state dict of tensors (nor {{'model': state_dict}}).")
-    return ckpt
-
-
-def strict_load(network: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that says what differs."""
-    own = network.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
-
-        def _few(keys):
-            return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_few(unexpected)}")
-        if shapes:
-            k = shapes[0]
-            parts.append(
-                f"shape mismatches {_few(shapes)}, e.g. {k}: file {list(state[k].shape)} vs network {list(own[k].shape)}"
-            )
-        raise WeightsError(
-            f"{path} does not fit the bundle's network_def: {'; '.join(parts)}. Was it trained with another "
-            f"variant/encoder/number of classes? Retrain from the app, or restore the matching model.pt."
-        )
-    network.load_state_dict(state, strict=True)
-
-
-def _file_stamp(path: str) -> Optional[Tuple]:
-    """What changes when a file, or any file of a folder (a DICOM series), is rewritten; None if it is gone."""
-    try:
-        if os.path.isdir(path):
-            st = [e.stat() for e in os.scandir(path) if e.is_file()]
-            return ("dir", len(st), max((s.st_mtime_ns for s in st), default=0), sum(s.st_size for s in st))
-        st = os.stat(path)
-        return ("file", st.st_mtime_ns, st.st_size)
-    except OSError:
-        return None
+def bundle_labels(metadata_file: str) -> Tuple[Dict[int, str], Dict[str, int]]:
+    """The bundle's classes by index (``metadata.json``'s ``channel_def``) and the labels clients see (lower-case
+    names without background)."""
+    classes = dict(enumerate(channel_def(metadata_file)))
+    return classes, {v.lower(): k for k, v in classes.items() if v.lower() != "background"}
 
 
 class ProbabilityCache:
@@ -223,9 +183,8 @@ class MedURWKVInfer(BundleInferTask):
         with open(os.path.join(path, "configs", self.const.metadata_json())) as fp:
             metadata = json.load(fp)
         self.key_image, image_fmt = next(iter(metadata["network_data_format"]["inputs"].items()))
-        self.key_pred, pred_fmt = next(iter(metadata["network_data_format"]["outputs"].items()))
-        self.channel_def = {int(k): v for k, v in pred_fmt.get("channel_def", {}).items()}
-        labels = {v.lower(): k for k, v in self.channel_def.items() if v.lower() != "background"}
+        self.key_pred = next(iter(metadata["network_data_format"]["outputs"]))
+        self.channel_def, labels = bundle_labels(os.path.join(path, "configs", self.const.metadata_json()))
         self.version = metadata.get("version")
         self.bundle_name = metadata.get("name", os.path.basename(path))
 
@@ -334,7 +293,7 @@ class MedURWKVInfer(BundleInferTask):
         path = data.get("image_path") or data.get(self.input_key)
         if not isinstance(path, str) or not path:
             return None
-        image, weights = _file_stamp(path), _file_stamp(self.weights_path)
+        image, weights = file_stamp(path), file_stamp(self.weights_path)
         if image is None or weights is None:
             return None
         return (os.path.realpath(path), image, weights, str(data.get("device")), str(data.get("amp")), str(data.get("sw_batch_size")))
@@ -410,48 +369,56 @@ class MedURWKVInfer(BundleInferTask):
             self._template = net.cpu()
         return self._template
 
+    def _load(self, path: str) -> torch.nn.Module:
+        """A copy of the bundle's network with ``path`` loaded strictly (tensor-only), in eval or MC-dropout mode."""
+        state = load_weights(path)
+        network = copy.deepcopy(self._build_template())
+        try:
+            load_state_dict_strict(network, state, os.path.basename(path))
+        except CheckpointError as e:
+            raise WeightsError(
+                f"{path} does not fit the bundle's network_def ({e}). Was it trained with "
+                f"another variant/encoder/number of classes? Retrain from the app, or restore the matching model.pt."
+            ) from None
+        if self.mc_dropout:
+            from medurwkv.nets.medurwkv import enable_mc_dropout
+
+            enable_mc_dropout(network)
+        else:
+            network.eval()
+        return network
+
     def _get_network(self, device, data):
         path = self.weights_path
         for attempt in range(2):
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
+            stamp = file_stamp(path)
+            if stamp is None:
                 raise ModelNotReady(
                     f"Model '{self.model_name}' has no trained weights yet. Submit labels (Submit Label in Slicer) "
                     f"and run Train with trainer '{self.model_name}': inference starts working as soon as training "
                     f"saves its first checkpoint."
                 ) from None
-            stamp = (st.st_mtime_ns, st.st_size)
             with self._network_lock:
                 cached = self._networks.get(device)
                 if cached and cached[1] == stamp:
                     return cached[0]
                 try:
-                    state = load_state_dict_file(path, "cpu")
-                except WeightsError:
-                    raise
-                except Exception as e:  # truncated or mid-write file
+                    network = self._load(path).to(torch.device(device))
+                except CheckpointError as e:  # truncated or mid-write file
                     if attempt == 0:
-                        logger.warning(f"Could not read {path} ({_root_message(e)}); retrying once")
+                        logger.warning(f"Could not read {path} ({e}); retrying once")
                         time.sleep(1.0)
                         continue
-                    raise WeightsError(f"{path} could not be loaded: {_root_message(e)}") from None
-                network = copy.deepcopy(self._build_template())
-                strict_load(network, state, path)
-                network.to(torch.device(device))
-                if self.mc_dropout:
-                    from medurwkv.nets.medurwkv import enable_mc_dropout
-
-                    enable_mc_dropout(network)
-                else:
-                    network.eval()
-                if cached:
-                    logger.info(f"Reloaded weights {path} (changed on disk) on {device}")
-                else:
-                    logger.info(f"Loaded weights {path} on {device}")
+                    raise WeightsError(f"{path} could not be loaded: {e}") from None
+                logger.info(f"{'Reloaded' if cached else 'Loaded'} weights {path}{' (changed on disk)' if cached else ''} on {device}")
                 self._networks[device] = (network, stamp)
                 return network
         raise AssertionError("unreachable")
+
+    def loaded_network(self, device: str, data: Optional[Dict[str, Any]] = None) -> Tuple[torch.nn.Module, threading.Lock]:
+        """The network loaded from the current ``model.pt`` on ``device`` (reloaded when the file changed), and the
+        lock to hold while running it: for other tasks that run it themselves (MC-dropout scoring)."""
+        return self._get_network(device, data), self._device_lock(device)
 
     def warm_up(self) -> None:
         """Build the network, and load the weights if there are any (the server calls this at start)."""

@@ -151,10 +151,10 @@ class MCDropoutScoring(ScoringMethod):
         pick = candidates[np.unique(np.linspace(0, len(candidates) - 1, n).round().astype(int))]
         x = image.index_select(axis, pick)[None].to(device)  # the picked slices as a thin volume
 
-        network = task._get_network(device, data)
+        network, device_lock = task.loaded_network(device, data)
         torch.manual_seed(self.seed)
         probs = []
-        with task._device_lock(device), task.amp_context(data, device):
+        with device_lock, task.amp_context(data, device):
             for _ in range(passes):  # the bundle's inferer pads/windows each slice exactly as inference does
                 probs.append(torch.softmax(inferer(x, network).float(), dim=1)[0].cpu())
         p = torch.stack(probs)  # (T, K, *spatial)

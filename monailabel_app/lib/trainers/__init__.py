@@ -1,2 +1,1 @@
 from .medurwkv import MedURWKVTrain  # noqa: F401
-from .progress import TrainProgress  # noqa: F401

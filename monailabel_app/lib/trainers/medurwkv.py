@@ -7,21 +7,21 @@ the bundle's validation ``CheckpointSaver`` then writes ``models/model.pt``, whi
 
 Changes to the stock task:
 
-* **Weights to start from.** With ``pretrained`` (default on) an existing ``models/model.pt`` is loaded
-  *strictly* (``CheckpointLoader(strict=True)``, tensor-only); without it the bundle's own initialisation is
-  used, which loads the pretrained Vision-RWKV encoder when the bundle has one (see the README). The stock task
-  crashes with ``pretrained=false`` (``os.path.exists(None)``) and loads non-strictly.
-* **Never a worse model.** A run that fine-tunes ``models/model.pt`` validates it first (the bundle's
-  ``validate_start_weights``): its score is the one to beat, so a run that does worse than the served model
-  (bad corrections, a learning rate too high, too few epochs) leaves ``model.pt`` as it was. Turn off with
+* **Weights to start from.** With ``pretrained`` (default on) an existing ``models/model.pt`` is fine-tuned
+  through the bundle's own ``finetune_from`` (loaded strictly, tensor-only); without it the bundle's own
+  initialisation is used, which loads the pretrained Vision-RWKV encoder when there is one (see the README). The
+  stock task crashes with ``pretrained=false`` (``os.path.exists(None)``) and adds a non-strict loader.
+* **Never a worse model.** Fine-tuning keeps the bundle's ``validate_start_weights`` (on with ``finetune_from``):
+  the current model is validated first and its score is the one to beat, so a run that does worse than the served
+  model (bad corrections, a learning rate too high, too few epochs) leaves ``model.pt`` as it was. Turn off with
   ``keep_better_model: false`` in the request.
 * **Learning rate** from the request (``learning_rate``; default the bundle's).
 * **Few labels.** Training with no final label fails at once with a message. With fewer labeled volumes than
   the split needs, validation reuses the training volumes (it then monitors fit only), so that the
   key-metric checkpoint (``model.pt``) is still written.
-* **Progress.** ``lib.trainers.progress.TrainProgress`` prints one line per iteration/epoch (shown by
-  ``GET /train/`` and the logs) and keeps ``models/train_stats.json`` for ``/info/`` ``train_stats``, which
-  3D Slicer uses for its training and accuracy bars.
+* **Progress.** The bundle's ``medurwkv.engines.ProgressBar`` prints lines (``lines=True``) instead of a bar,
+  one per iteration/epoch (shown by ``GET /train/`` and the logs), and keeps ``models/train_stats.json`` for
+  ``/info/`` ``train_stats``, which 3D Slicer uses for its training and accuracy bars.
 * **Devices.** CPU when there is no GPU; multi-GPU only with more than one GPU and a ``multi_gpu_train`` config.
 * **Options are data.** Only the options listed by :meth:`MedURWKVTrain.options` are accepted, each with its type
   and range (``lib/options.py``); the server checks them before it starts the process, and the process again.
@@ -132,7 +132,7 @@ class MedURWKVTrain(BundleTrainTask):
         )
         self.default_val_split = float(conf.get("val_split", "0.2"))
         self.pretrained_encoder = conf.get("pretrained_encoder")
-        self._start_from_scratch = True
+        self._finetune_from: Optional[str] = None
         self._request: Dict[str, Any] = {}
 
     def _bundle_number(self, key: str, default, cast=int):
@@ -144,8 +144,8 @@ class MedURWKVTrain(BundleTrainTask):
 
     def encoder_weights(self) -> Optional[str]:
         """Pretrained encoder weights for a first training: ``--conf pretrained_encoder`` or the bundle's
-        ``models/pretrained_encoder.pt`` written by ``convert.json``. The bundle reads it with MONAI's
-        CheckpointLoader (``torch.load(weights_only=True)``), so it must be a torch file, not safetensors."""
+        ``models/pretrained_encoder.pt`` written by ``convert.json``. The bundle's ``network_def`` reads it
+        (``pretrained_encoder_path``: an official ``.pth``, safetensors or a converted ``.pt``)."""
         if self.pretrained_encoder:
             return os.path.abspath(os.path.expanduser(self.pretrained_encoder))
         path = os.path.join(self.bundle_path, "models", "pretrained_encoder.pt")
@@ -228,30 +228,13 @@ class MedURWKVTrain(BundleTrainTask):
         return train_ds, val_ds
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        self._start_from_scratch = not (pretrained and os.path.exists(model_pytorch))
+        """Only decides what to start from; the bundle loads it (``finetune_from``, set in ``_update_overrides``)."""
+        self._finetune_from = model_pytorch if pretrained and os.path.exists(model_pytorch) else None
         if not pretrained:
             logger.info("pretrained=false: starting from the bundle's initialisation")
-            return
-        if not os.path.exists(model_pytorch):
+        elif self._finetune_from is None:
             logger.info(
                 f"No {model_pytorch} yet: starting from the bundle's initialisation (pretrained encoder if configured)"
-            )
-            return
-        logger.info(f"Fine-tuning from {model_pytorch} (strict)")
-        if not [
-            t
-            for t in train_handlers
-            if isinstance(t, dict) and t.get("_target_") in ("CheckpointLoader", "monai.handlers.CheckpointLoader")
-        ]:
-            train_handlers.insert(
-                0,
-                {
-                    "_target_": "CheckpointLoader",
-                    "load_path": model_pytorch,
-                    "load_dict": {self.model_dict_key: f"$@{self.const.key_network()}"},
-                    "strict": True,
-                    "map_location": "cpu",
-                },
             )
 
     def _update_overrides(self, overrides):
@@ -265,13 +248,20 @@ class MedURWKVTrain(BundleTrainTask):
             if not lr > 0:
                 raise BadInput(f"learning_rate must be a positive number, got {self._request['learning_rate']!r}")
             overrides["learning_rate"] = lr
-        # fine-tuning: the served model's own validation score is the one to beat (no worse model.pt)
-        keep = strtobool(str(self._request.get("keep_better_model", True)))
-        if not self._start_from_scratch and keep and "validate_start_weights" in self.bundle_config:
-            overrides["validate_start_weights"] = True
-            logger.info("Fine-tuning: validating the current model first; model.pt is replaced only by a better one")
+        if self._finetune_from is not None:
+            # the bundle loads the weights strictly and, with validate_start_weights, validates them first: the
+            # served model's own score is the one to beat (no worse model.pt)
+            if "finetune_from" not in self.bundle_config:
+                raise BadInput(f"The bundle {self.bundle_path} has no 'finetune_from': it cannot fine-tune model.pt")
+            logger.info(f"Fine-tuning from {self._finetune_from} (strict)")
+            overrides["finetune_from"] = self._finetune_from
+            keep = strtobool(str(self._request.get("keep_better_model", True)))
+            if "validate_start_weights" in self.bundle_config:
+                overrides["validate_start_weights"] = bool(keep)
+            if keep:
+                logger.info("Fine-tuning: validating the current model first; model.pt is replaced only by a better one")
         # a first training (no model.pt to fine-tune) starts from the pretrained encoder when there is one
-        if self._start_from_scratch and "pretrained_encoder_path" in self.bundle_config:
+        elif "pretrained_encoder_path" in self.bundle_config:
             encoder = self.encoder_weights()
             if encoder:
                 if not os.path.isfile(encoder):
@@ -282,17 +272,19 @@ class MedURWKVTrain(BundleTrainTask):
                 logger.info("No pretrained encoder weights found: the encoder starts from random initialisation")
         handlers = overrides.get(self.const.key_train_handlers())
         if isinstance(handlers, list):
-            for h in handlers:  # tqdm bars redraw with \r: unreadable in /train/ details; our lines replace them
-                if isinstance(h, dict) and str(h.get("_target_", "")).endswith("ProgressBar"):
-                    h["disable"] = True
-            progress = {
-                "_target_": "lib.trainers.progress.TrainProgress",
-                "stats_file": self.stats_path,
-                "name": self.name,
-            }
+            # log lines instead of a tqdm bar (its \r redraws are unreadable in /train/ details), and the stats
+            # JSON that /info/ train_stats (Slicer's progress and accuracy bars) reads
+            progress = {"lines": True, "stats_file": self.stats_path, "desc": self.name}
             if self.bundle_config.get("validate#evaluator") is not None:
                 progress["validator"] = "@validate#evaluator"
-            handlers.append(progress)
+            ours = [h for h in handlers if isinstance(h, dict) and h.get("_target_") == "medurwkv.engines.ProgressBar"]
+            for h in handlers:
+                if isinstance(h, dict) and str(h.get("_target_", "")).endswith("ProgressBar") and h not in ours:
+                    h["disable"] = True
+            if ours:
+                ours[0].update(progress)
+            else:
+                handlers.append({"_target_": "medurwkv.engines.ProgressBar", **progress})
         return overrides
 
     def __call__(self, request, datastore: Datastore):
