@@ -33,6 +33,7 @@ from label_server import (
     VOLUMES,
     http,
     load_app_module,
+    serving,
     stage,
     status_of,
     wait_for,
@@ -44,15 +45,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A started server over the staged app, bundle (no weights) and studies."""
-    from monailabel.client import MONAILabelClient
-
-    c = stage(tmp_path_factory.mktemp("monailabel_app"))
-    try:
-        c.server.start(host="127.0.0.1")
-        c.client = MONAILabelClient(c.server.url, tmpdir=str(c.client_dir))
+    with serving(stage(tmp_path_factory.mktemp("monailabel_app"))) as c:
         yield c
-    finally:
-        c.server.stop()
 
 
 @pytest.fixture(scope="module")
