@@ -39,7 +39,7 @@ from medurwkv.guidance import AddClickGuidanced, guidance_points, infer_slices_w
 
 from ..errors import BadInput
 from ..options import Opt
-from .clicks import ClickRefined, uploaded_file
+from .clicks import ClickRefined, roi_mask, uploaded_file
 from .medurwkv import MedURWKVInfer, ProbabilityCache
 
 logger = logging.getLogger(__name__)
@@ -84,21 +84,6 @@ def _looks_like_clicks(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(p, (list, tuple)) for p in value)
 
 
-def parse_roi(roi: Any, shape: Sequence[int]) -> Optional[np.ndarray]:
-    """Voxel bounds ``[i0, i1, j0, j1, k0, k1]`` as a boolean mask of the image (None: no box); 422 if malformed."""
-    if not roi:
-        return None
-    try:
-        bounds = [sorted((int(roi[2 * a]), int(roi[2 * a + 1]))) for a in range(len(shape))]
-    except (TypeError, ValueError, IndexError, KeyError):
-        raise BadInput(f"'roi' must be voxel bounds [i0, i1, j0, j1, k0, k1], got {roi!r}") from None
-    inside = np.zeros(tuple(shape), bool)
-    inside[tuple(slice(max(a, 0), max(b, 0)) for a, b in bounds)] = True
-    if not inside.any():
-        raise BadInput(f"'roi' {roi!r} does not overlap the image (size {list(shape)})")
-    return inside
-
-
 class EditClicksToGridd(MapTransform):
     """The request's clicks (voxels of the image as stored) as ``guidance`` on the network's grid.
 
@@ -117,7 +102,7 @@ class EditClicksToGridd(MapTransform):
         shape = [int(x) for x in np.asarray(img.meta["spatial_shape"]).tolist()]
         src, dst = np.asarray(img.meta["original_affine"], np.float64), np.asarray(img.affine, np.float64)
         clicks = parse_edit_clicks(d, self.label_names)
-        inside = parse_roi(d.get("roi"), shape)
+        inside = roi_mask(d.get("roi"), shape)
         guidance, used = {}, {}
         for name, points in clicks.items():
             for p in points:
@@ -166,7 +151,7 @@ class EditResultd(MapTransform):
                 z = row[0] * ijk[0] + row[1] * ijk[1] + row[2] * ijk[2] + row[3]
                 for zc in zs:
                     steered |= np.abs(z - zc) <= self.reach + 0.5
-            inside = parse_roi(d.get("roi"), spatial)
+            inside = roi_mask(d.get("roi"), spatial)
             if inside is not None:
                 steered &= inside
             fg = np.where(steered, fg, base)
