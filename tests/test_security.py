@@ -226,10 +226,10 @@ def test_answers_and_logs_hold_no_server_paths_ids_or_upload_names(sec, tmp_path
     r = probe(sec, "label for unknown image", "PUT", "/datastore/label?image=no_such_image&tag=final", 404,
               files={"label": ("x.nii.gz", (sec.gt / "colin_a.nii.gz").read_bytes())})
     assert "colin_a" not in r.json()["detail"]
-    # before any weights: the 409 names the file, not where it is on the server
+    # before any weights: the 409 names the model (issue 15), not where anything is on the server
     if not sec.weights.exists():
         r = probe(sec, "infer without weights", "POST", f"/infer/{MODEL}?image=colin_a", 409)
-        assert "model.pt" in r.json()["detail"] and str(sec.root) not in r.text
+        assert f"Model '{MODEL}' has no trained weights" in r.json()["detail"] and str(sec.root) not in r.text
 
     # an upload named after a patient: the name is not in the log (file nor GET /logs/)
     named = tmp_path / "Doe_Jane_19700101.nii.gz"
