@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite (CPU only; about 15 min on 2 cores). Extra arguments go to pytest, e.g. `bash scripts/test.sh -k biwkv`.
+# The test suite (CPU only; about 9 min on 2 cores). Extra arguments go to pytest, e.g. `bash scripts/test.sh -k biwkv`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
