@@ -33,7 +33,7 @@ try:
     from lib.datastore import CheckedLocalDatastore
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
-    from lib.server import BodyLimit
+    from lib.server import BodyLimit, one_training_at_a_time
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
@@ -369,6 +369,43 @@ def test_index_written_by_another_process_is_reloaded(store):
         wait_for(lambda: server.get_image_info("own").get("mc_dropout_score") == 0.5, 10, "the reload", 0.1)
     finally:
         server._observer.stop()
+
+
+def test_task_options_cannot_name_another_task(monkeypatch):
+    """monailabel merges the options over {"model": <url>}: an unknown model (nothing checks its options) whose
+    options say {"model": "medurwkv"} must not start that task with unchecked options."""
+    import types
+
+    from fastapi import HTTPException
+    from monailabel.interfaces.utils import app as app_utils
+    from monailabel.utils.async_tasks import task as task_module
+
+    started = []
+    monkeypatch.setattr(task_module.AsyncTask, "run", staticmethod(lambda *a, **k: started.append(k) or ("ok", None)))
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+
+    class Task:
+        def check_request(self, params, model=""):
+            if set(params) - {"model", "method", "max_epochs"}:
+                raise BadInput("unknown option")
+            return params
+
+    instance = types.SimpleNamespace(_trainers={MODEL: Task()}, _infers={MODEL: Task()},
+                                     _scoring_methods={"mc_dropout": Task()})
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    assert one_training_at_a_time()
+    run = task_module.AsyncTask.run
+    bad = {"model": MODEL, "method": "mc_dropout", "tracking_uri": "x"}
+    for method, request in (("train", {"model": "nope"}), ("batch_infer", {"model": "nope", "images": "all"}),
+                            ("scoring", {"method": "nope"})):
+        with pytest.raises(HTTPException) as e:
+            run(method, request=request, params=bad, enqueue=True)
+        assert e.value.status_code == 404, method
+    for method, request in (("train", {"model": MODEL}), ("scoring", {"method": "mc_dropout"})):
+        with pytest.raises(BadInput):
+            run(method, request=request, params={"model": "other", "method": "other"}, enqueue=True)
+    assert run("train", request={"model": MODEL}, params={"max_epochs": 2}, enqueue=True) == ("ok", None)
+    assert len(started) == 1
 
 
 def test_body_limit_answers_413_without_reading_the_rest():

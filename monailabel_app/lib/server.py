@@ -262,6 +262,19 @@ def one_training_at_a_time() -> bool:
 
     def run(method, request=None, params=None, force_sync=False, enqueue=False):
         task = _task_of(method, request)
+        if params and method in ("train", "scoring", "batch_infer"):
+            # the options are merged over the request after this check: an unknown task (whose options nothing
+            # checks) with {"model": <a real one>} in them would start that one with unchecked options
+            key = "method" if method == "scoring" else "model"
+            name = request.get(key) if isinstance(request, dict) else None
+            if task is None:
+                from .errors import NotFound
+
+                raise NotFound(f"There is no {method} task '{str(name)[:40]}' on this server.")
+            if isinstance(params, dict) and key in params and params[key] != name:
+                from .errors import BadInput
+
+                raise BadInput(f"The options may not name another {key} than the request's ('{str(name)[:40]}').")
         if params and task is not None:  # the client's options: allow-listed before a process is started
             params = _check_params(method, task, params)
         if method != "train" or enqueue or force_sync:
