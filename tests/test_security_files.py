@@ -33,7 +33,7 @@ try:
     from lib.datastore import CheckedLocalDatastore
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
-    from lib.server import BodyLimit, one_training_at_a_time
+    from lib.server import BodyLimit, one_training_at_a_time, weights_from_training_only
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
@@ -406,6 +406,33 @@ def test_task_options_cannot_name_another_task(monkeypatch):
             run(method, request=request, params={"model": "other", "method": "other"}, enqueue=True)
     assert run("train", request={"model": MODEL}, params={"max_epochs": 2}, enqueue=True) == ("ok", None)
     assert len(started) == 1
+
+
+def test_weights_cannot_be_uploaded_or_deleted_through_the_api(monkeypatch, tmp_path):
+    """monailabel's PUT /model/{model} copied any bytes over model.pt in place; DELETE renamed it away."""
+    import types
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from monailabel.endpoints import model as model_endpoint
+    from monailabel.interfaces.utils import app as app_utils
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"trained")
+    instance = types.SimpleNamespace(model_file=lambda model, validate=True: str(weights))
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    monkeypatch.setattr(model_endpoint, "app_instance", lambda: instance)
+    monkeypatch.setattr(model_endpoint.router, "routes", list(model_endpoint.router.routes))
+    fastapi_app = FastAPI()
+    fastapi_app.include_router(model_endpoint.router)
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.SimpleNamespace(app=fastapi_app))
+    assert weights_from_training_only()
+    client = TestClient(fastapi_app)
+    r = client.put(f"/model/{MODEL}", files={"file": ("model.pt", b"garbage")})
+    assert r.status_code == 403 and "training only" in r.json()["detail"], r.text
+    assert client.delete(f"/model/{MODEL}").status_code == 403
+    assert weights.read_bytes() == b"trained" and os.listdir(tmp_path) == ["model.pt"]
+    assert client.get(f"/model/{MODEL}").content == b"trained"
 
 
 def test_body_limit_answers_413_without_reading_the_rest():

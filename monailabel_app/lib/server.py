@@ -299,6 +299,33 @@ def one_training_at_a_time() -> bool:
     return True
 
 
+def weights_from_training_only() -> bool:
+    """Refuse monailabel's ``PUT /model/{model}`` and ``DELETE /model/{model}``: the first copies any uploaded bytes
+    over ``model.pt`` in place (not atomic, unchecked, the trained weights lost, even while a training writes
+    them), the second renames the weights away; any client could do either. The weights are written by training
+    only (``lib/trainers/lock.py``); ``GET /model/{model}`` still downloads them."""
+    app_module = sys.modules.get("monailabel.app")
+    if app_module is None:
+        return False
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints import model as model_endpoint
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    from .errors import Forbidden
+
+    def refuse(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        raise Forbidden("This server's weights are written by training only (POST /train/{model}); they cannot "
+                        "be uploaded or deleted through the API.")
+
+    n = 0
+    for original in (model_endpoint.api_update_model, model_endpoint.api_delete_model):
+        n += _replace_route(model_endpoint.router, original, refuse)
+        n += _replace_route(app_module.app.router, original, refuse)
+    app_module.app.openapi_schema = None
+    return n > 0
+
+
 # ----------------------------------------------------------------------------------- requests are hostile (point 4)
 def _json(status: int, body, headers: Optional[Dict[str, str]] = None):
     from starlette.responses import JSONResponse
