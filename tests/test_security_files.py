@@ -33,7 +33,7 @@ try:
     from lib.datastore import CheckedLocalDatastore
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
-    from lib.server import BodyLimit, one_training_at_a_time, weights_from_training_only
+    from lib.server import BodyLimit, one_training_at_a_time, safe_upload_endpoints, weights_from_training_only
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
@@ -340,6 +340,42 @@ def test_labels_tags_empty_and_atomic(store, tmp_path):
     assert not [p for p in studies.rglob("*") if p.name.endswith(".tmp")]
     with pytest.raises(BadInput):
         ds.remove_label("own", "../..")
+
+
+def test_info_updates_refuse_bad_info_and_unknown_labels(store, monkeypatch):
+    """PUT /datastore/image/info, /label/info and /updatelabelinfo: info that is not a JSON object, or a label
+    that does not exist, were 500s (json.loads / info["user"] / LabelNotFoundException)."""
+    import types
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from monailabel.endpoints import datastore as ds_endpoint
+    from monailabel.endpoints import session as session_endpoint
+    from monailabel.interfaces.utils import app as app_utils
+
+    ds = store[0]
+    instance = types.SimpleNamespace(datastore=lambda: ds)
+    monkeypatch.setattr(ds_endpoint, "app_instance", lambda: instance)
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    for module in (ds_endpoint, session_endpoint):
+        monkeypatch.setattr(module.router, "routes", list(module.router.routes))
+    for name in ("update_image_info", "update_label_info"):
+        monkeypatch.setattr(ds_endpoint, name, getattr(ds_endpoint, name))
+    fastapi_app = FastAPI()
+    fastapi_app.include_router(ds_endpoint.router)
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.SimpleNamespace(app=fastapi_app))
+    safe_upload_endpoints(Limits())
+    client = TestClient(fastapi_app, raise_server_exceptions=False)
+    for info in ("not json", "[1]", "3"):
+        r = client.put("/datastore/image/info?image=own", data={"info": info})
+        assert r.status_code == 422, (info, r.status_code, r.text)
+        r = client.put("/datastore/label/info?label=own&tag=final", data={"info": info})
+        assert r.status_code == 422, (info, r.status_code, r.text)
+    for url in ("/datastore/label/info?label=own&tag=final", "/datastore/updatelabelinfo?label=own&tag=final"):
+        r = client.put(url, data={"info": '{"note": 1}', "params": '{"note": 1}'})
+        assert r.status_code == 404, (url, r.status_code, r.text)
+    assert client.put("/datastore/image/info?image=own", data={"info": '{"note": 1}'}).status_code == 200
+    assert ds.get_image_info("own")["note"] == 1
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

@@ -841,6 +841,17 @@ def safe_upload_endpoints(limits) -> bool:
             session_id, info = sessions.add_session(paths[0] if len(paths) == 1 else received.folder, expiry, uncompress)
         return {"session_id": session_id, "session_info": info.to_json()}
 
+    for name in ("update_image_info", "update_label_info"):  # json.loads of the form, then info["user"] = ...
+        original = getattr(ds_endpoint, name)
+        if not getattr(original, "_info_checked", False):
+
+            def checked(*args, _original=original):  # (image, info, user) / (label, tag, info, user)
+                _json_object(args[-2], "info")  # not JSON or not an object: 422, not a 500
+                return _original(*args)
+
+            checked._info_checked = True  # type: ignore[attr-defined]
+            setattr(ds_endpoint, name, checked)
+
     n = _replace_route(ds_endpoint.router, ds_endpoint.api_add_image, api_add_image)
     n += _replace_route(app_module.app.router, ds_endpoint.api_add_image, api_add_image)
     n += _replace_route(ds_endpoint.router, ds_endpoint.api_save_label, api_save_label)
