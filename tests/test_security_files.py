@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zipfile
@@ -376,6 +377,18 @@ def test_info_updates_refuse_bad_info_and_unknown_labels(store, monkeypatch):
         assert r.status_code == 404, (url, r.status_code, r.text)
     assert client.put("/datastore/image/info?image=own", data={"info": '{"note": 1}'}).status_code == 200
     assert ds.get_image_info("own")["note"] == 1
+    # GET /datastore/dataset: 404 with no label (was an AssertionError, 500); the zip of every volume is not
+    # left in the temporary folder after the download (monailabel kept one per request)
+    tmp = store[1].parent / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert client.get("/datastore/dataset").status_code == 404
+    vol, affine = store[3], store[4]
+    nib.save(nib.Nifti1Image((vol > 50).astype(np.uint8), affine), str(tmp.parent / "own_label.nii.gz"))
+    ds.save_label("own", str(tmp.parent / "own_label.nii.gz"), "final", {})
+    r = client.get("/datastore/dataset")
+    assert r.status_code == 200 and zipfile.ZipFile(io.BytesIO(r.content)).namelist(), r.text
+    assert os.listdir(tmp) == []
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

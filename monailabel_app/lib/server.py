@@ -852,6 +852,21 @@ def safe_upload_endpoints(limits) -> bool:
             checked._info_checked = True  # type: ignore[attr-defined]
             setattr(ds_endpoint, name, checked)
 
+    def api_download_dataset(limit_cases: Optional[int] = None, user: User = annotator):
+        from starlette.background import BackgroundTask
+        from starlette.responses import FileResponse
+
+        from .errors import NotFound
+
+        datastore = app_instance().datastore()
+        if not datastore.datalist():  # monailabel: an AssertionError (500)
+            raise NotFound("No image has a final label yet: there is no dataset to download.")
+        path = datastore.get_dataset_archive(limit_cases)  # a copy of every volume, in the temporary folder
+        return FileResponse(path, media_type="application/zip", filename="dataset.zip",
+                            background=BackgroundTask(os.remove, path))  # monailabel left it there
+
+    _replace_route(ds_endpoint.router, ds_endpoint.api_download_dataset, api_download_dataset)
+    _replace_route(app_module.app.router, ds_endpoint.api_download_dataset, api_download_dataset)
     n = _replace_route(ds_endpoint.router, ds_endpoint.api_add_image, api_add_image)
     n += _replace_route(app_module.app.router, ds_endpoint.api_add_image, api_add_image)
     n += _replace_route(ds_endpoint.router, ds_endpoint.api_save_label, api_save_label)
