@@ -34,7 +34,8 @@ try:
     from lib.datastore import CheckedLocalDatastore
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
-    from lib.server import BodyLimit, one_training_at_a_time, safe_upload_endpoints, weights_from_training_only
+    from lib.server import BodyLimit, infer_inputs_only_from_request, one_training_at_a_time, safe_upload_endpoints
+    from lib.server import weights_from_training_only
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
@@ -389,6 +390,29 @@ def test_info_updates_refuse_bad_info_and_unknown_labels(store, monkeypatch):
     r = client.get("/datastore/dataset")
     assert r.status_code == 200 and zipfile.ZipFile(io.BytesIO(r.content)).namelist(), r.text
     assert os.listdir(tmp) == []
+
+
+def test_infer_label_copy_takes_no_suffix_from_the_client(tmp_path, monkeypatch):
+    """monailabel copies an infer request's label to tmpXXXX<all suffixes of its name>: a long or NUL-holding
+    name was an OSError / ValueError (500) after the label had passed every check."""
+    import pathlib
+    import types
+
+    from fastapi import UploadFile
+    from monailabel.endpoints import infer as infer_endpoint
+
+    def monailabel_copy(background_tasks, model, image, session_id, params, file, label, output):
+        return tempfile.NamedTemporaryFile(suffix="".join(pathlib.Path(label.filename).suffixes)).name
+
+    monkeypatch.setattr(infer_endpoint, "run_inference", monailabel_copy)
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+    assert infer_inputs_only_from_request(Limits())
+    vol = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), str(vol))
+    for name in ("seg." + "x" * 250 + ".nii.gz", "seg.a\x00b.nii.gz", "strokes." + "y" * 250 + ".bin"):
+        label = UploadFile(io.BytesIO(vol.read_bytes()), filename=name)
+        copy = infer_endpoint.run_inference(None, MODEL, "colin_a", "", "{}", None, label, None)
+        assert copy.endswith((".nii.gz", ".bin")) and len(os.path.basename(copy)) < 40, copy
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

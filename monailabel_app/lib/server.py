@@ -930,6 +930,12 @@ def infer_inputs_only_from_request(limits) -> bool:
             if label and not (label.filename or "").lower().endswith(".bin"):  # strokes or segment (Slicer)
                 check_volume_file(received.take(label, 1), limits, _described(label, "label"))
                 label.file.seek(0)  # monailabel's own copy follows
+            if label:  # monailabel names its copy tmpXXXX<every suffix of the client's name>: a long name or a
+                # NUL in it was an OSError / ValueError (500); the copy gets a known suffix only
+                lname = (label.filename or "").lower()
+                label.filename = "label" + next(
+                    (s for s in sorted(_UPLOAD_SUFFIXES + (".bin",), key=len, reverse=True) if lname.endswith(s)), ""
+                )
             if session_id:
                 sessions = app_instance().sessions()
                 session = sessions.get_session(session_id, update_ts=False) if sessions is not None else None
