@@ -676,6 +676,11 @@ def test_server_paths_stay_inside_their_folders(srv):
         ("WSI infer image=<server path>", "POST", f"/infer/wsi/{MODEL}?image={secret}", None, (404, 422)),
         ("DELETE dataset-linked image", "DELETE", "/datastore/image?id=linked", None, 403),
         ("PUT other volume as linked", "PUT", "/datastore/image?image=linked", _upload(vol), 409),
+        ("PUT /model/ weights", "PUT", f"/model/{MODEL}", {"file": ("model.pt", b"not weights")}, 403),
+        ("DELETE /model/ weights", "DELETE", f"/model/{MODEL}", None, 403),
+        ("PUT image info not an object", "PUT", "/datastore/image/info?image=colin_a", {"info": (None, "[1]")}, 422),
+        ("PUT info of a missing label", "PUT", "/datastore/label/info?label=colin_a&tag=nope",
+         {"info": (None, "{}")}, 404),
     ]
     for what, method, selector, files, expect in probes:
         body = _watched(c, what, lambda: _raw(c, method, selector, files=files), expect)
