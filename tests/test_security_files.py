@@ -409,10 +409,37 @@ def test_infer_label_copy_takes_no_suffix_from_the_client(tmp_path, monkeypatch)
     assert infer_inputs_only_from_request(Limits())
     vol = tmp_path / "seg.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), str(vol))
-    for name in ("seg." + "x" * 250 + ".nii.gz", "seg.a\x00b.nii.gz", "strokes." + "y" * 250 + ".bin"):
+    for name in ("seg." + "x" * 250 + ".nii.gz", "seg.a\x00b.nii.gz"):
         label = UploadFile(io.BytesIO(vol.read_bytes()), filename=name)
         copy = infer_endpoint.run_inference(None, MODEL, "colin_a", "", "{}", None, label, None)
-        assert copy.endswith((".nii.gz", ".bin")) and len(os.path.basename(copy)) < 40, copy
+        assert copy.endswith(".nii.gz") and len(os.path.basename(copy)) < 40, copy
+
+
+def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch):
+    """A .bin label is reshaped by monailabel to its datastore image: with a file or session, an unknown image
+    or another byte count, that was a 500."""
+    import types
+
+    from fastapi import HTTPException, UploadFile
+    from monailabel.endpoints import infer as infer_endpoint
+    from monailabel.interfaces.utils import app as app_utils
+
+    ds, vol = store[0], store[3]
+    monkeypatch.setattr(app_utils, "app_instance", lambda: types.SimpleNamespace(datastore=lambda: ds))
+    monkeypatch.setattr(infer_endpoint, "run_inference", lambda *a: "ran")
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+    assert infer_inputs_only_from_request(Limits())
+
+    def infer(image, size, session_id=""):
+        label = UploadFile(io.BytesIO(b"\x01" * size), filename="strokes.bin")
+        return infer_endpoint.run_inference(None, MODEL, image, session_id, "{}", None, label, None)
+
+    for image, size, session_id, status in (("own", vol.size - 1, "", 422), ("nope", vol.size, "", 404),
+                                            ("", vol.size, "0" * 8 + "-0000-0000-0000-" + "0" * 12, 422)):
+        with pytest.raises(HTTPException) as e:
+            infer(image, size, session_id)
+        assert e.value.status_code == status, (image, size, e.value.detail)
+    assert infer("own", vol.size) == "ran"
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

@@ -891,6 +891,28 @@ def is_request_volume(path: str) -> bool:
     return isinstance(path, str) and os.path.isabs(path) and os.path.realpath(path) in allowed
 
 
+def _check_binary_label(label, image: str) -> None:
+    """A ``.bin`` label (OHIF's raw scribbles) is reshaped by monailabel to its datastore image's grid: without
+    such an image, or with another byte count, that was a 500; now a 422 / 404 before it is read."""
+    import numpy as np
+    from monailabel.interfaces.utils.app import app_instance
+
+    from .errors import BadInput, image_not_found
+    from .imageio import read_geometry
+
+    if not image:
+        raise BadInput("A .bin label (raw voxels) goes with a datastore image (image=...), not a file or session.")
+    uri = app_instance().datastore().get_image_uri(image)
+    if not uri:
+        raise image_not_found(image)
+    voxels = int(np.prod(read_geometry(uri, f"the image '{image}'").shape))
+    label.file.seek(0, os.SEEK_END)
+    size = label.file.tell()
+    label.file.seek(0)
+    if size != voxels:
+        raise BadInput(f"The .bin label has {size:,} bytes; image '{image}' has {voxels:,} voxels (one byte each).")
+
+
 def infer_inputs_only_from_request(limits) -> bool:
     """Wrap ``monailabel.endpoints.infer.run_inference`` (what POST /infer/{model} calls; see the block comment)."""
     if sys.modules.get("monailabel.app") is None:
@@ -930,6 +952,8 @@ def infer_inputs_only_from_request(limits) -> bool:
             if label and not (label.filename or "").lower().endswith(".bin"):  # strokes or segment (Slicer)
                 check_volume_file(received.take(label, 1), limits, _described(label, "label"))
                 label.file.seek(0)  # monailabel's own copy follows
+            if label and (label.filename or "").lower().endswith(".bin"):
+                _check_binary_label(label, image if not file and not session_id else "")
             if label:  # monailabel names its copy tmpXXXX<every suffix of the client's name>: a long name or a
                 # NUL in it was an OSError / ValueError (500); the copy gets a known suffix only
                 lname = (label.filename or "").lower()
