@@ -34,7 +34,7 @@ try:
     from lib.datastore import CheckedLocalDatastore
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
-    from lib.server import BodyLimit, infer_inputs_only_from_request, one_training_at_a_time, safe_upload_endpoints
+    from lib.server import BodyLimit, PathScrubber, infer_inputs_only_from_request, one_training_at_a_time, safe_upload_endpoints
     from lib.server import weights_from_training_only
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
@@ -440,6 +440,18 @@ def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch):
             infer(image, size, session_id)
         assert e.value.status_code == status, (image, size, e.value.detail)
     assert infer("own", vol.size) == "ran"
+
+
+def test_image_info_path_of_a_linked_volume_is_not_answered(store, tmp_path):
+    """GET /datastore/image/info and Next Sample answer get_image_info, whose "path" is the real path: for a
+    studies volume that is a link, a folder outside every root the scrubber knows (here: the dataset folder)."""
+    ds, studies = store[0], store[1]
+    scrub = PathScrubber([str(studies), str(tmp_path / "app")])
+    info = ds.get_image_info("linked")
+    assert info["path"].startswith(str(tmp_path / "dataset"))
+    body = scrub.body(json.dumps({"id": "linked", **info}).encode(), "application/json")
+    assert b"dataset" not in body and "path" not in json.loads(body), body
+    assert json.loads(scrub.body(b'{"path": "colin_a.nii.gz"}', "application/json")) == {"path": "colin_a.nii.gz"}
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

@@ -354,14 +354,16 @@ class PathScrubber:
 
     def json(self, obj):
         """The same for a JSON value; a ``"path"`` entry holding a server path is dropped (3D Slicer loads a
-        sample's ``path`` directly when it exists on its own machine: a bare file name must not be taken for it)."""
+        sample's ``path`` directly when it exists on its own machine: a bare file name must not be taken for it).
+        Any absolute ``"path"`` is a server path: a studies volume that is a link has its target's real path there
+        (``get_image_info``), in a folder that is none of the roots."""
         if isinstance(obj, str):
             return self(obj)
         if isinstance(obj, dict):
             return {
                 k: self.json(v)
                 for k, v in obj.items()
-                if not (k == "path" and isinstance(v, str) and self._re is not None and self._re.match(v))
+                if not (k == "path" and isinstance(v, str) and (os.path.isabs(v) or (self._re and self._re.match(v))))
             }
         if isinstance(obj, list):
             return [self.json(v) for v in obj]
