@@ -452,6 +452,10 @@ def test_image_info_path_of_a_linked_volume_is_not_answered(store, tmp_path):
     body = scrub.body(json.dumps({"id": "linked", **info}).encode(), "application/json")
     assert b"dataset" not in body and "path" not in json.loads(body), body
     assert json.loads(scrub.body(b'{"path": "colin_a.nii.gz"}', "application/json")) == {"path": "colin_a.nii.gz"}
+    # GET /datastore/?output=train answers datalist(): the real paths of image and label
+    listing = json.loads(scrub.body(json.dumps([{"image": info["path"], "label": "/x/y/l.nii.gz"}]).encode(),
+                                    "application/json"))
+    assert listing == [{"image": "linked.nii.gz", "label": "l.nii.gz"}], listing
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

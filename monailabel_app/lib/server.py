@@ -358,6 +358,8 @@ class PathScrubber:
         Any absolute ``"path"`` is a server path: a studies volume that is a link has its target's real path there
         (``get_image_info``), in a folder that is none of the roots."""
         if isinstance(obj, str):
+            if obj.startswith("/") and "\n" not in obj and os.path.basename(obj.rstrip("/")):
+                return os.path.basename(obj.rstrip("/"))  # a whole value that is a path, under a root or not
             return self(obj)
         if isinstance(obj, dict):
             return {
