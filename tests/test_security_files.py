@@ -524,6 +524,26 @@ def test_task_options_cannot_name_another_task(monkeypatch):
     assert len(started) == 1
 
 
+def test_tasks_never_run_inside_the_server(monkeypatch):
+    """?run_sync=true (POST /train/, /scoring/, /batch/infer/) ran the task in the server's event loop, past the
+    one-training check."""
+    import types
+
+    from monailabel.interfaces.utils import app as app_utils
+    from monailabel.utils.async_tasks import task as task_module
+
+    started = []
+    monkeypatch.setattr(task_module.AsyncTask, "run", staticmethod(lambda *a, **k: started.append(k) or ("ok", None)))
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+    instance = types.SimpleNamespace(_trainers={}, _infers={}, _scoring_methods={})
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    assert one_training_at_a_time()
+    for method, key in (("train", "model"), ("scoring", "method"), ("batch_infer", "model")):
+        with pytest.raises(BadInput):
+            task_module.AsyncTask.run(method, request={key: "x"}, params=None, force_sync=True)
+    assert not started
+
+
 def test_weights_cannot_be_uploaded_or_deleted_through_the_api(monkeypatch, tmp_path):
     """monailabel's PUT /model/{model} copied any bytes over model.pt in place; DELETE renamed it away."""
     import types

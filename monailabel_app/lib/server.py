@@ -261,6 +261,12 @@ def one_training_at_a_time() -> bool:
         return False
 
     def run(method, request=None, params=None, force_sync=False, enqueue=False):
+        if force_sync and method in ("train", "scoring", "batch_infer"):
+            from .errors import BadInput
+
+            # ?run_sync=true ran the task inside the server, on its event loop (every request waits), past the
+            # one-training check below (a second training then fails on the weights' lock: a 500)
+            raise BadInput(f"run_sync is not offered: a {method} task runs in its own process; follow it with GET.")
         task = _task_of(method, request)
         if params and method in ("train", "scoring", "batch_infer"):
             # the options are merged over the request after this check: an unknown task (whose options nothing
