@@ -544,6 +544,21 @@ def test_tasks_never_run_inside_the_server(monkeypatch):
     assert not started
 
 
+def test_deeply_nested_options_are_a_422():
+    """'[[[[...' (a few hundred kB, under the body limit) made json.loads / the expression check raise
+    RecursionError: a 500 for infer params, upload params and info forms."""
+    from lib.options import Opt, check_options
+    from lib.server import _json_object
+
+    with pytest.raises(BadInput):
+        _json_object("[" * 100000 + "]" * 100000, "params")
+    nested: dict = {}
+    for _ in range(20000):
+        nested = {"a": nested}
+    with pytest.raises(BadInput):
+        check_options("x", {"labels": nested}, {"labels": Opt(dict)})
+
+
 def test_weights_cannot_be_uploaded_or_deleted_through_the_api(monkeypatch, tmp_path):
     """monailabel's PUT /model/{model} copied any bytes over model.pt in place; DELETE renamed it away."""
     import types

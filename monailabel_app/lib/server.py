@@ -183,6 +183,8 @@ def make_infer_non_blocking() -> bool:
             p = json.loads(params) if params else {}
         except ValueError as e:
             raise BadInput(f"'params' is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadInput("'params' is nested too deep.") from None
         if not isinstance(p, dict):
             raise BadInput("'params' must be a JSON object")
         if image and (image in (".", "..") or any(c in image for c in "/\\\x00")):
@@ -759,8 +761,8 @@ def _json_object(text: str, what: str) -> dict:
 
     try:
         value = json.loads(text) if text else {}
-    except ValueError:
-        raise BadInput(f"'{what}' is not valid JSON.") from None
+    except (ValueError, RecursionError):  # RecursionError: nested too deep ('[[[[...' fits in a small body)
+        raise BadInput(f"'{what}' is not valid JSON (or is nested too deep).") from None
     if not isinstance(value, dict):
         raise BadInput(f"'{what}' must be a JSON object.")
     return value
