@@ -552,6 +552,11 @@ def test_deeply_nested_options_are_a_422():
 
     with pytest.raises(BadInput):
         _json_object("[" * 100000 + "]" * 100000, "params")
+    deep = '{"a": ' * 500 + "1" + "}" * 500  # parses, but is stored as info and scrubbed in every answer
+    with pytest.raises(BadInput):
+        _json_object(deep, "info")
+    assert _json_object('{"a": {"b": [1, {"c": 2}]}}', "info")["a"]["b"][1]["c"] == 2
+    assert b"<server path>" not in PathScrubber(["/srv/app"]).body(deep.encode(), "application/json")
     nested: dict = {}
     for _ in range(20000):
         nested = {"a": nested}

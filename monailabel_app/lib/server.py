@@ -384,7 +384,7 @@ class PathScrubber:
         if content_type.startswith("application/json"):
             try:
                 return json.dumps(self.json(json.loads(text))).encode()
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         return self(text).encode()
 
@@ -756,6 +756,9 @@ class _Received:
         return False
 
 
+MAX_JSON_DEPTH = 32
+
+
 def _json_object(text: str, what: str) -> dict:
     from .errors import BadInput
 
@@ -765,6 +768,13 @@ def _json_object(text: str, what: str) -> dict:
         raise BadInput(f"'{what}' is not valid JSON (or is nested too deep).") from None
     if not isinstance(value, dict):
         raise BadInput(f"'{what}' must be a JSON object.")
+    stack = [(value, 1)]  # stored info is answered again later (scrubbed recursively): bounded nesting
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadInput(f"'{what}' is nested more than {MAX_JSON_DEPTH} levels deep.")
+        if isinstance(item, (dict, list)):
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
     return value
 
 
