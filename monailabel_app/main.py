@@ -21,6 +21,7 @@ from lib.options import COMMON, check_options
 from lib.scoring.mc_dropout import KEY_MODEL
 from lib.server import bind_loopback_by_default, make_infer_non_blocking, one_training_at_a_time, secure_server
 from lib.server import infer_inputs_only_from_request, is_request_volume, limit_request_body, safe_upload_endpoints
+from lib.server import weights_from_training_only
 from lib.studies import resolve_studies
 from lib.uploads import CheckedSessions
 from monailabel.config import settings
@@ -59,6 +60,7 @@ class MedURWKVApp(MONAILabelApp):
         limit_request_body(self.limits)
         safe_upload_endpoints(self.limits)
         infer_inputs_only_from_request(self.limits)
+        weights_from_training_only()
         secure_server(app_dir, conf, host, roots=[self.model.bundle_path])  # rebuilds the stack, keeping the body limit
 
     def _load_sessions(self, load=False):

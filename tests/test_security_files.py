@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zipfile
@@ -33,7 +34,8 @@ try:
     from lib.datastore import CheckedLocalDatastore
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
-    from lib.server import BodyLimit
+    from lib.server import BodyLimit, PathScrubber, infer_inputs_only_from_request, one_training_at_a_time, safe_upload_endpoints
+    from lib.server import weights_from_training_only
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
@@ -342,6 +344,120 @@ def test_labels_tags_empty_and_atomic(store, tmp_path):
         ds.remove_label("own", "../..")
 
 
+def test_info_updates_refuse_bad_info_and_unknown_labels(store, monkeypatch):
+    """PUT /datastore/image/info, /label/info and /updatelabelinfo: info that is not a JSON object, or a label
+    that does not exist, were 500s (json.loads / info["user"] / LabelNotFoundException)."""
+    import types
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from monailabel.endpoints import datastore as ds_endpoint
+    from monailabel.endpoints import session as session_endpoint
+    from monailabel.interfaces.utils import app as app_utils
+
+    ds = store[0]
+    instance = types.SimpleNamespace(datastore=lambda: ds)
+    monkeypatch.setattr(ds_endpoint, "app_instance", lambda: instance)
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    for module in (ds_endpoint, session_endpoint):
+        monkeypatch.setattr(module.router, "routes", list(module.router.routes))
+    for name in ("update_image_info", "update_label_info"):
+        monkeypatch.setattr(ds_endpoint, name, getattr(ds_endpoint, name))
+    fastapi_app = FastAPI()
+    fastapi_app.include_router(ds_endpoint.router)
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.SimpleNamespace(app=fastapi_app))
+    safe_upload_endpoints(Limits())
+    client = TestClient(fastapi_app, raise_server_exceptions=False)
+    for info in ("not json", "[1]", "3"):
+        r = client.put("/datastore/image/info?image=own", data={"info": info})
+        assert r.status_code == 422, (info, r.status_code, r.text)
+        r = client.put("/datastore/label/info?label=own&tag=final", data={"info": info})
+        assert r.status_code == 422, (info, r.status_code, r.text)
+    for url in ("/datastore/label/info?label=own&tag=final", "/datastore/updatelabelinfo?label=own&tag=final"):
+        r = client.put(url, data={"info": '{"note": 1}', "params": '{"note": 1}'})
+        assert r.status_code == 404, (url, r.status_code, r.text)
+    assert client.put("/datastore/image/info?image=own", data={"info": '{"note": 1}'}).status_code == 200
+    assert ds.get_image_info("own")["note"] == 1
+    # GET /datastore/dataset: 404 with no label (was an AssertionError, 500); the zip of every volume is not
+    # left in the temporary folder after the download (monailabel kept one per request)
+    tmp = store[1].parent / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert client.get("/datastore/dataset").status_code == 404
+    vol, affine = store[3], store[4]
+    nib.save(nib.Nifti1Image((vol > 50).astype(np.uint8), affine), str(tmp.parent / "own_label.nii.gz"))
+    ds.save_label("own", str(tmp.parent / "own_label.nii.gz"), "final", {})
+    r = client.get("/datastore/dataset")
+    assert r.status_code == 200 and zipfile.ZipFile(io.BytesIO(r.content)).namelist(), r.text
+    assert os.listdir(tmp) == []
+
+
+def test_infer_label_copy_takes_no_suffix_from_the_client(tmp_path, monkeypatch):
+    """monailabel copies an infer request's label to tmpXXXX<all suffixes of its name>: a long or NUL-holding
+    name was an OSError / ValueError (500) after the label had passed every check."""
+    import pathlib
+    import types
+
+    from fastapi import UploadFile
+    from monailabel.endpoints import infer as infer_endpoint
+
+    def monailabel_copy(background_tasks, model, image, session_id, params, file, label, output):
+        return tempfile.NamedTemporaryFile(suffix="".join(pathlib.Path(label.filename).suffixes)).name
+
+    monkeypatch.setattr(infer_endpoint, "run_inference", monailabel_copy)
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+    assert infer_inputs_only_from_request(Limits())
+    vol = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), str(vol))
+    for name in ("seg." + "x" * 250 + ".nii.gz", "seg.a\x00b.nii.gz"):
+        label = UploadFile(io.BytesIO(vol.read_bytes()), filename=name)
+        copy = infer_endpoint.run_inference(None, MODEL, "colin_a", "", "{}", None, label, None)
+        assert copy.endswith(".nii.gz") and len(os.path.basename(copy)) < 40, copy
+
+
+def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch):
+    """A .bin label is reshaped by monailabel to its datastore image: with a file or session, an unknown image
+    or another byte count, that was a 500."""
+    import types
+
+    from fastapi import HTTPException, UploadFile
+    from monailabel.endpoints import infer as infer_endpoint
+    from monailabel.interfaces.utils import app as app_utils
+
+    ds, vol = store[0], store[3]
+    monkeypatch.setattr(app_utils, "app_instance", lambda: types.SimpleNamespace(datastore=lambda: ds))
+    monkeypatch.setattr(infer_endpoint, "run_inference", lambda *a: "ran")
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+    assert infer_inputs_only_from_request(Limits())
+
+    def infer(image, size, session_id=""):
+        label = UploadFile(io.BytesIO(b"\x01" * size), filename="strokes.bin")
+        return infer_endpoint.run_inference(None, MODEL, image, session_id, "{}", None, label, None)
+
+    for image, size, session_id, status in (("own", vol.size - 1, "", 422), ("nope", vol.size, "", 404),
+                                            ("", vol.size, "0" * 8 + "-0000-0000-0000-" + "0" * 12, 422)):
+        with pytest.raises(HTTPException) as e:
+            infer(image, size, session_id)
+        assert e.value.status_code == status, (image, size, e.value.detail)
+    assert infer("own", vol.size) == "ran"
+
+
+def test_image_info_path_of_a_linked_volume_is_not_answered(store, tmp_path):
+    """GET /datastore/image/info and Next Sample answer get_image_info, whose "path" is the real path: for a
+    studies volume that is a link, a folder outside every root the scrubber knows (here: the dataset folder)."""
+    ds, studies = store[0], store[1]
+    scrub = PathScrubber([str(studies), str(tmp_path / "app")])
+    info = ds.get_image_info("linked")
+    assert info["path"].startswith(str(tmp_path / "dataset"))
+    body = scrub.body(json.dumps({"id": "linked", **info}).encode(), "application/json")
+    assert b"dataset" not in body and "path" not in json.loads(body), body
+    assert json.loads(scrub.body(b'{"path": "colin_a.nii.gz"}', "application/json")) == {"path": "colin_a.nii.gz"}
+    # GET /datastore/?output=train answers datalist(): the real paths of image and label
+    listing = json.loads(scrub.body(json.dumps([{"image": info["path"], "label": "/x/y/l.nii.gz"}]).encode(),
+                                    "application/json"))
+    assert listing == [{"image": "linked.nii.gz", "label": "l.nii.gz"}], listing
+
+
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):
     ds, studies, dataset, vol, affine = store
     ds.update_image_info("own", {"mc_dropout_score": 0.25})
@@ -369,6 +485,110 @@ def test_index_written_by_another_process_is_reloaded(store):
         wait_for(lambda: server.get_image_info("own").get("mc_dropout_score") == 0.5, 10, "the reload", 0.1)
     finally:
         server._observer.stop()
+
+
+def test_task_options_cannot_name_another_task(monkeypatch):
+    """monailabel merges the options over {"model": <url>}: an unknown model (nothing checks its options) whose
+    options say {"model": "medurwkv"} must not start that task with unchecked options."""
+    import types
+
+    from fastapi import HTTPException
+    from monailabel.interfaces.utils import app as app_utils
+    from monailabel.utils.async_tasks import task as task_module
+
+    started = []
+    monkeypatch.setattr(task_module.AsyncTask, "run", staticmethod(lambda *a, **k: started.append(k) or ("ok", None)))
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+
+    class Task:
+        def check_request(self, params, model=""):
+            if set(params) - {"model", "method", "max_epochs"}:
+                raise BadInput("unknown option")
+            return params
+
+    instance = types.SimpleNamespace(_trainers={MODEL: Task()}, _infers={MODEL: Task()},
+                                     _scoring_methods={"mc_dropout": Task()})
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    assert one_training_at_a_time()
+    run = task_module.AsyncTask.run
+    bad = {"model": MODEL, "method": "mc_dropout", "tracking_uri": "x"}
+    for method, request in (("train", {"model": "nope"}), ("batch_infer", {"model": "nope", "images": "all"}),
+                            ("scoring", {"method": "nope"})):
+        with pytest.raises(HTTPException) as e:
+            run(method, request=request, params=bad, enqueue=True)
+        assert e.value.status_code == 404, method
+    for method, request in (("train", {"model": MODEL}), ("scoring", {"method": "mc_dropout"})):
+        with pytest.raises(BadInput):
+            run(method, request=request, params={"model": "other", "method": "other"}, enqueue=True)
+    assert run("train", request={"model": MODEL}, params={"max_epochs": 2}, enqueue=True) == ("ok", None)
+    assert len(started) == 1
+
+
+def test_tasks_never_run_inside_the_server(monkeypatch):
+    """?run_sync=true (POST /train/, /scoring/, /batch/infer/) ran the task in the server's event loop, past the
+    one-training check."""
+    import types
+
+    from monailabel.interfaces.utils import app as app_utils
+    from monailabel.utils.async_tasks import task as task_module
+
+    started = []
+    monkeypatch.setattr(task_module.AsyncTask, "run", staticmethod(lambda *a, **k: started.append(k) or ("ok", None)))
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
+    instance = types.SimpleNamespace(_trainers={}, _infers={}, _scoring_methods={})
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    assert one_training_at_a_time()
+    for method, key in (("train", "model"), ("scoring", "method"), ("batch_infer", "model")):
+        with pytest.raises(BadInput):
+            task_module.AsyncTask.run(method, request={key: "x"}, params=None, force_sync=True)
+    assert not started
+
+
+def test_deeply_nested_options_are_a_422():
+    """'[[[[...' (a few hundred kB, under the body limit) made json.loads / the expression check raise
+    RecursionError: a 500 for infer params, upload params and info forms."""
+    from lib.options import Opt, check_options
+    from lib.server import _json_object
+
+    with pytest.raises(BadInput):
+        _json_object("[" * 100000 + "]" * 100000, "params")
+    deep = '{"a": ' * 500 + "1" + "}" * 500  # parses, but is stored as info and scrubbed in every answer
+    with pytest.raises(BadInput):
+        _json_object(deep, "info")
+    assert _json_object('{"a": {"b": [1, {"c": 2}]}}', "info")["a"]["b"][1]["c"] == 2
+    assert b"<server path>" not in PathScrubber(["/srv/app"]).body(deep.encode(), "application/json")
+    nested: dict = {}
+    for _ in range(20000):
+        nested = {"a": nested}
+    with pytest.raises(BadInput):
+        check_options("x", {"labels": nested}, {"labels": Opt(dict)})
+
+
+def test_weights_cannot_be_uploaded_or_deleted_through_the_api(monkeypatch, tmp_path):
+    """monailabel's PUT /model/{model} copied any bytes over model.pt in place; DELETE renamed it away."""
+    import types
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from monailabel.endpoints import model as model_endpoint
+    from monailabel.interfaces.utils import app as app_utils
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"trained")
+    instance = types.SimpleNamespace(model_file=lambda model, validate=True: str(weights))
+    monkeypatch.setattr(app_utils, "app_instance", lambda: instance)
+    monkeypatch.setattr(model_endpoint, "app_instance", lambda: instance)
+    monkeypatch.setattr(model_endpoint.router, "routes", list(model_endpoint.router.routes))
+    fastapi_app = FastAPI()
+    fastapi_app.include_router(model_endpoint.router)
+    monkeypatch.setitem(sys.modules, "monailabel.app", types.SimpleNamespace(app=fastapi_app))
+    assert weights_from_training_only()
+    client = TestClient(fastapi_app)
+    r = client.put(f"/model/{MODEL}", files={"file": ("model.pt", b"garbage")})
+    assert r.status_code == 403 and "training only" in r.json()["detail"], r.text
+    assert client.delete(f"/model/{MODEL}").status_code == 403
+    assert weights.read_bytes() == b"trained" and os.listdir(tmp_path) == ["model.pt"]
+    assert client.get(f"/model/{MODEL}").content == b"trained"
 
 
 def test_body_limit_answers_413_without_reading_the_rest():
@@ -539,6 +759,11 @@ def test_server_paths_stay_inside_their_folders(srv):
         ("WSI infer image=<server path>", "POST", f"/infer/wsi/{MODEL}?image={secret}", None, (404, 422)),
         ("DELETE dataset-linked image", "DELETE", "/datastore/image?id=linked", None, 403),
         ("PUT other volume as linked", "PUT", "/datastore/image?image=linked", _upload(vol), 409),
+        ("PUT /model/ weights", "PUT", f"/model/{MODEL}", {"file": ("model.pt", b"not weights")}, 403),
+        ("DELETE /model/ weights", "DELETE", f"/model/{MODEL}", None, 403),
+        ("PUT image info not an object", "PUT", "/datastore/image/info?image=colin_a", {"info": (None, "[1]")}, 422),
+        ("PUT info of a missing label", "PUT", "/datastore/label/info?label=colin_a&tag=nope",
+         {"info": (None, "{}")}, 404),
     ]
     for what, method, selector, files, expect in probes:
         body = _watched(c, what, lambda: _raw(c, method, selector, files=files), expect)

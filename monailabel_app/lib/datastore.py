@@ -178,7 +178,16 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         self._require_image(image_id)
+        if not isinstance(info, dict):
+            raise BadInput("The image info must be a JSON object.")
         super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        if not isinstance(info, dict):
+            raise BadInput("The label info must be a JSON object.")
+        if not isinstance(label_id, str) or not isinstance(label_tag, str) or not self._datastore.label(label_id, label_tag):
+            raise NotFound(f"There is no label '{str(label_tag)[:40]}' of image '{str(label_id)[:128]}'.")
+        super().update_label_info(label_id, label_tag, info)
 
     # ------------------------------------------------------------------------------------------ labels
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:

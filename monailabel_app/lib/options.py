@@ -135,7 +135,10 @@ def check_options(
     if not isinstance(options, Mapping):
         raise BadInput(f"The {what} options must be a JSON object, got {_short(options)}.")
     server_keys = set(server_keys)
-    found = find_expression(dict(options), "")  # first, anywhere in the request: the answer names the danger
+    try:
+        found = find_expression(dict(options), "")  # first, anywhere in the request: the answer names the danger
+    except RecursionError:
+        raise BadInput(f"The {what} options are nested too deep.") from None
     if found:
         raise BadInput(
             f"Option '{found.lstrip('.')}' of {what} holds a string MONAI would evaluate or resolve ('$', '@', '%', "

@@ -183,6 +183,8 @@ def make_infer_non_blocking() -> bool:
             p = json.loads(params) if params else {}
         except ValueError as e:
             raise BadInput(f"'params' is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadInput("'params' is nested too deep.") from None
         if not isinstance(p, dict):
             raise BadInput("'params' must be a JSON object")
         if image and (image in (".", "..") or any(c in image for c in "/\\\x00")):
@@ -261,7 +263,26 @@ def one_training_at_a_time() -> bool:
         return False
 
     def run(method, request=None, params=None, force_sync=False, enqueue=False):
+        if force_sync and method in ("train", "scoring", "batch_infer"):
+            from .errors import BadInput
+
+            # ?run_sync=true ran the task inside the server, on its event loop (every request waits), past the
+            # one-training check below (a second training then fails on the weights' lock: a 500)
+            raise BadInput(f"run_sync is not offered: a {method} task runs in its own process; follow it with GET.")
         task = _task_of(method, request)
+        if params and method in ("train", "scoring", "batch_infer"):
+            # the options are merged over the request after this check: an unknown task (whose options nothing
+            # checks) with {"model": <a real one>} in them would start that one with unchecked options
+            key = "method" if method == "scoring" else "model"
+            name = request.get(key) if isinstance(request, dict) else None
+            if task is None:
+                from .errors import NotFound
+
+                raise NotFound(f"There is no {method} task '{str(name)[:40]}' on this server.")
+            if isinstance(params, dict) and key in params and params[key] != name:
+                from .errors import BadInput
+
+                raise BadInput(f"The options may not name another {key} than the request's ('{str(name)[:40]}').")
         if params and task is not None:  # the client's options: allow-listed before a process is started
             params = _check_params(method, task, params)
         if method != "train" or enqueue or force_sync:
@@ -284,6 +305,33 @@ def one_training_at_a_time() -> bool:
     run._one_at_a_time = True  # type: ignore[attr-defined]
     task_module.AsyncTask.run = staticmethod(run)
     return True
+
+
+def weights_from_training_only() -> bool:
+    """Refuse monailabel's ``PUT /model/{model}`` and ``DELETE /model/{model}``: the first copies any uploaded bytes
+    over ``model.pt`` in place (not atomic, unchecked, the trained weights lost, even while a training writes
+    them), the second renames the weights away; any client could do either. The weights are written by training
+    only (``lib/trainers/lock.py``); ``GET /model/{model}`` still downloads them."""
+    app_module = sys.modules.get("monailabel.app")
+    if app_module is None:
+        return False
+    from fastapi import Depends
+    from monailabel.config import settings
+    from monailabel.endpoints import model as model_endpoint
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    from .errors import Forbidden
+
+    def refuse(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        raise Forbidden("This server's weights are written by training only (POST /train/{model}); they cannot "
+                        "be uploaded or deleted through the API.")
+
+    n = 0
+    for original in (model_endpoint.api_update_model, model_endpoint.api_delete_model):
+        n += _replace_route(model_endpoint.router, original, refuse)
+        n += _replace_route(app_module.app.router, original, refuse)
+    app_module.app.openapi_schema = None
+    return n > 0
 
 
 # ----------------------------------------------------------------------------------- requests are hostile (point 4)
@@ -314,14 +362,18 @@ class PathScrubber:
 
     def json(self, obj):
         """The same for a JSON value; a ``"path"`` entry holding a server path is dropped (3D Slicer loads a
-        sample's ``path`` directly when it exists on its own machine: a bare file name must not be taken for it)."""
+        sample's ``path`` directly when it exists on its own machine: a bare file name must not be taken for it).
+        Any absolute ``"path"`` is a server path: a studies volume that is a link has its target's real path there
+        (``get_image_info``), in a folder that is none of the roots."""
         if isinstance(obj, str):
+            if obj.startswith("/") and "\n" not in obj and os.path.basename(obj.rstrip("/")):
+                return os.path.basename(obj.rstrip("/"))  # a whole value that is a path, under a root or not
             return self(obj)
         if isinstance(obj, dict):
             return {
                 k: self.json(v)
                 for k, v in obj.items()
-                if not (k == "path" and isinstance(v, str) and self._re is not None and self._re.match(v))
+                if not (k == "path" and isinstance(v, str) and (os.path.isabs(v) or (self._re and self._re.match(v))))
             }
         if isinstance(obj, list):
             return [self.json(v) for v in obj]
@@ -332,7 +384,7 @@ class PathScrubber:
         if content_type.startswith("application/json"):
             try:
                 return json.dumps(self.json(json.loads(text))).encode()
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         return self(text).encode()
 
@@ -704,15 +756,25 @@ class _Received:
         return False
 
 
+MAX_JSON_DEPTH = 32
+
+
 def _json_object(text: str, what: str) -> dict:
     from .errors import BadInput
 
     try:
         value = json.loads(text) if text else {}
-    except ValueError:
-        raise BadInput(f"'{what}' is not valid JSON.") from None
+    except (ValueError, RecursionError):  # RecursionError: nested too deep ('[[[[...' fits in a small body)
+        raise BadInput(f"'{what}' is not valid JSON (or is nested too deep).") from None
     if not isinstance(value, dict):
         raise BadInput(f"'{what}' must be a JSON object.")
+    stack = [(value, 1)]  # stored info is answered again later (scrubbed recursively): bounded nesting
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadInput(f"'{what}' is nested more than {MAX_JSON_DEPTH} levels deep.")
+        if isinstance(item, (dict, list)):
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
     return value
 
 
@@ -801,6 +863,32 @@ def safe_upload_endpoints(limits) -> bool:
             session_id, info = sessions.add_session(paths[0] if len(paths) == 1 else received.folder, expiry, uncompress)
         return {"session_id": session_id, "session_info": info.to_json()}
 
+    for name in ("update_image_info", "update_label_info"):  # json.loads of the form, then info["user"] = ...
+        original = getattr(ds_endpoint, name)
+        if not getattr(original, "_info_checked", False):
+
+            def checked(*args, _original=original):  # (image, info, user) / (label, tag, info, user)
+                _json_object(args[-2], "info")  # not JSON or not an object: 422, not a 500
+                return _original(*args)
+
+            checked._info_checked = True  # type: ignore[attr-defined]
+            setattr(ds_endpoint, name, checked)
+
+    def api_download_dataset(limit_cases: Optional[int] = None, user: User = annotator):
+        from starlette.background import BackgroundTask
+        from starlette.responses import FileResponse
+
+        from .errors import NotFound
+
+        datastore = app_instance().datastore()
+        if not datastore.datalist():  # monailabel: an AssertionError (500)
+            raise NotFound("No image has a final label yet: there is no dataset to download.")
+        path = datastore.get_dataset_archive(limit_cases)  # a copy of every volume, in the temporary folder
+        return FileResponse(path, media_type="application/zip", filename="dataset.zip",
+                            background=BackgroundTask(os.remove, path))  # monailabel left it there
+
+    _replace_route(ds_endpoint.router, ds_endpoint.api_download_dataset, api_download_dataset)
+    _replace_route(app_module.app.router, ds_endpoint.api_download_dataset, api_download_dataset)
     n = _replace_route(ds_endpoint.router, ds_endpoint.api_add_image, api_add_image)
     n += _replace_route(app_module.app.router, ds_endpoint.api_add_image, api_add_image)
     n += _replace_route(ds_endpoint.router, ds_endpoint.api_save_label, api_save_label)
@@ -823,6 +911,28 @@ def is_request_volume(path: str) -> bool:
     this thread (the only server paths ``infer`` may read besides datastore images)."""
     allowed = getattr(_request_volumes, "paths", ())
     return isinstance(path, str) and os.path.isabs(path) and os.path.realpath(path) in allowed
+
+
+def _check_binary_label(label, image: str) -> None:
+    """A ``.bin`` label (OHIF's raw scribbles) is reshaped by monailabel to its datastore image's grid: without
+    such an image, or with another byte count, that was a 500; now a 422 / 404 before it is read."""
+    import numpy as np
+    from monailabel.interfaces.utils.app import app_instance
+
+    from .errors import BadInput, image_not_found
+    from .imageio import read_geometry
+
+    if not image:
+        raise BadInput("A .bin label (raw voxels) goes with a datastore image (image=...), not a file or session.")
+    uri = app_instance().datastore().get_image_uri(image)
+    if not uri:
+        raise image_not_found(image)
+    voxels = int(np.prod(read_geometry(uri, f"the image '{image}'").shape))
+    label.file.seek(0, os.SEEK_END)
+    size = label.file.tell()
+    label.file.seek(0)
+    if size != voxels:
+        raise BadInput(f"The .bin label has {size:,} bytes; image '{image}' has {voxels:,} voxels (one byte each).")
 
 
 def infer_inputs_only_from_request(limits) -> bool:
@@ -864,6 +974,14 @@ def infer_inputs_only_from_request(limits) -> bool:
             if label and not (label.filename or "").lower().endswith(".bin"):  # strokes or segment (Slicer)
                 check_volume_file(received.take(label, 1), limits, _described(label, "label"))
                 label.file.seek(0)  # monailabel's own copy follows
+            if label and (label.filename or "").lower().endswith(".bin"):
+                _check_binary_label(label, image if not file and not session_id else "")
+            if label:  # monailabel names its copy tmpXXXX<every suffix of the client's name>: a long name or a
+                # NUL in it was an OSError / ValueError (500); the copy gets a known suffix only
+                lname = (label.filename or "").lower()
+                label.filename = "label" + next(
+                    (s for s in sorted(_UPLOAD_SUFFIXES + (".bin",), key=len, reverse=True) if lname.endswith(s)), ""
+                )
             if session_id:
                 sessions = app_instance().sessions()
                 session = sessions.get_session(session_id, update_ts=False) if sessions is not None else None
