@@ -456,6 +456,11 @@ def test_image_info_path_of_a_linked_volume_is_not_answered(store, tmp_path):
     listing = json.loads(scrub.body(json.dumps([{"image": info["path"], "label": "/x/y/l.nii.gz"}]).encode(),
                                     "application/json"))
     assert listing == [{"image": "linked.nii.gz", "label": "l.nii.gz"}], listing
+    # a message that starts with a server path keeps its words; only the path inside it is cut
+    weights = str(studies / "model.pt")
+    text = f"{weights} does not fit. Another variant/encoder/number of classes?"
+    msg = json.loads(scrub.body(json.dumps({"detail": text}).encode(), "application/json"))
+    assert msg == {"detail": "model.pt does not fit. Another variant/encoder/number of classes?"}, msg
 
 
 def test_truncated_index_is_recovered_from_its_last_good_copy(store):

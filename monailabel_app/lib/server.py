@@ -366,8 +366,11 @@ class PathScrubber:
         Any absolute ``"path"`` is a server path: a studies volume that is a link has its target's real path there
         (``get_image_info``), in a folder that is none of the roots."""
         if isinstance(obj, str):
-            if obj.startswith("/") and "\n" not in obj and os.path.basename(obj.rstrip("/")):
-                return os.path.basename(obj.rstrip("/"))  # a whole value that is a path, under a root or not
+            # a whole value that is a path, under a root or not (not a message that starts with one: those are
+            # scrubbed below, or a sentence's last "/..." would be taken for a file name)
+            name = os.path.basename(obj.rstrip("/"))
+            if obj.startswith("/") and name and "\n" not in obj and (not any(c.isspace() for c in obj) or os.path.exists(obj)):
+                return name
             return self(obj)
         if isinstance(obj, dict):
             return {
