@@ -55,15 +55,16 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 MONAILABEL_VERSION = "0.8.5"
 
 
-def check_versions() -> bool:
-    """True when the installed monailabel is the one these patches were written against; else a clear warning."""
+def check_versions(what: str = "the server patches") -> bool:
+    """True when the installed monailabel is the one these patches were written against; else a clear error in the
+    log naming ``what`` (the patch being installed)."""
     import monailabel
 
     installed = getattr(monailabel, "__version__", "?")
-    if installed.split("+")[0] != MONAILABEL_VERSION:
+    if str(installed).split("+")[0] != MONAILABEL_VERSION:
         logger.error(
-            f"monailabel {installed} is installed; this app's server patches (monailabel_app/lib/server.py) were "
-            f"written and tested for {MONAILABEL_VERSION}. Check each one (README: 'What the app adds') before use."
+            f"monailabel {installed} is installed; {what} (monailabel_app/lib/server.py) were written and tested "
+            f"for {MONAILABEL_VERSION}. Check each one (README: 'What the app adds') before use."
         )
         return False
     return True
@@ -629,19 +630,6 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
 # - infer_inputs_only_from_request: POST /infer/{model} reads its file the same way and checks it before
 #   decoding; ``image=`` is a datastore id only. The app's ``infer`` accepts a path only when it is this
 #   request's own upload or session volume (:func:`is_request_volume`), never a path a client names.
-FILES_PATCHED_VERSIONS = ("0.8.5",)  # what the endpoint signatures below were written against
-
-
-def _check_monailabel_version(what: str) -> bool:
-    import monailabel
-
-    version = getattr(monailabel, "__version__", "?")
-    if not str(version).startswith(FILES_PATCHED_VERSIONS):
-        logger.warning(f"{what}: written for monailabel {', '.join(FILES_PATCHED_VERSIONS)}, found {version}")
-        return False
-    return True
-
-
 class _BodyTooLarge(Exception):
     pass
 
@@ -801,7 +789,7 @@ def safe_upload_endpoints(limits) -> bool:
     app_module = sys.modules.get("monailabel.app")
     if app_module is None:
         return False
-    _check_monailabel_version("safe_upload_endpoints")
+    check_versions("the upload-endpoint patches")
     from typing import List
 
     from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
@@ -942,7 +930,7 @@ def infer_inputs_only_from_request(limits) -> bool:
     """Wrap ``monailabel.endpoints.infer.run_inference`` (what POST /infer/{model} calls; see the block comment)."""
     if sys.modules.get("monailabel.app") is None:
         return False
-    _check_monailabel_version("infer_inputs_only_from_request")
+    check_versions("the infer-input patches")
     from monailabel.endpoints import infer as infer_endpoint
     from monailabel.interfaces.utils.app import app_instance
 
