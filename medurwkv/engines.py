@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import time
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 
 from .checkpoint import file_stamp
-from .files import write_json_atomic
+from .files import atomic_path, write_json_atomic
 
 __all__ = ["FreezeEncoderHandler", "AtomicCheckpointSaver", "ResumeTraining", "ProgressBar"]
 
@@ -73,16 +75,44 @@ class FreezeEncoderHandler:
 
 
 class _AtomicDiskSaver(DiskSaver):
-    """ignite ``DiskSaver`` writing through a temporary file and ``os.replace`` (readers never see a partly
-    written file). With a fixed ``filename`` the previous file is not deleted before the new one is written:
-    the replace swaps it, so a crash or Ctrl-C at any moment leaves the old or the new checkpoint on disk."""
+    """ignite ``DiskSaver`` writing through :func:`medurwkv.files.atomic_path` (temporary file in the same folder,
+    fsync, ``os.replace``): readers never see a partly written file. With a fixed ``filename`` the previous file
+    is not deleted before the new one is written: the replace swaps it, so a crash, Ctrl-C or ``kill -9`` at any
+    moment leaves the old or the new checkpoint on disk.
+
+    A ``kill -9`` during a save cannot remove its temporary file (``.<filename>.<random>.tmp``, hidden, ignored by
+    every reader); the next saver for the same fixed file name removes such leftovers once they are older than
+    ``STALE_S`` seconds (an older temporary file cannot belong to a save still in progress)."""
+
+    STALE_S = 600.0
 
     def __init__(self, dirname: str, filename: Optional[str] = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        if filename and idist.get_rank() == self.save_on_rank:
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list:
+        removed = []
+        now = time.time()
+        for p in self.dirname.glob(f".{self.filename}.*.tmp"):
+            try:
+                if now - p.stat().st_mtime > self.STALE_S:
+                    p.unlink()
+                    removed.append(p.name)
+            except OSError:  # gone meanwhile, or not ours to remove: leave it
+                pass
+        if removed:
+            logger.info(f"Removed {len(removed)} temporary file(s) left by an interrupted save of {self.filename}")
+        return removed
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Optional[Mapping] = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        if self.save_on_rank != idist.get_rank():
+            return
+        path = self.dirname / (self.filename or filename)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, str(tmp), **self.kwargs)
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)  # as ignite's saver: readable by the server
 
     def remove(self, filename: str) -> None:
         if self.filename is None:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -539,6 +540,47 @@ def test_atomic_checkpoint_saver_never_leaves_a_missing_or_partial_model(tmp_pat
     monkeypatch.undo()
     assert (tmp_path / "model.pt").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_kill_during_save_leaves_a_hidden_temporary_that_the_next_saver_removes_once_stale(tmp_path, monkeypatch):
+    """``kill -9`` in the middle of a checkpoint save cannot clean up: what it leaves is a hidden
+    ``.model.pt.*.tmp`` next to the intact model.pt; the next run's saver removes it once it is older than any
+    save in progress could be, and leaves a fresh one (a save under way in another process) alone."""
+    import time
+
+    from ignite.engine import Engine
+
+    from medurwkv.engines import AtomicCheckpointSaver
+
+    def saver():
+        return AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": torch.nn.Linear(3, 2)}, save_key_metric=True, key_metric_filename="model.pt")
+
+    engine = Engine(lambda e, b: None)
+    engine.state.metrics, engine.state.key_metric_name = {"dice": 0.5}, "dice"
+    written = []
+    real_save = torch.save
+
+    def save(obj, f, **kw):
+        written.append(os.path.basename(f))
+        real_save(obj, f, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    saver().metrics_completed(engine)
+    monkeypatch.undo()
+    assert len(written) == 1 and re.fullmatch(r"\.model\.pt\.\w+\.tmp", written[0]), written  # hidden while written
+    stale = tmp_path / ".model.pt.abc123.tmp"
+    fresh = tmp_path / ".model.pt.def456.tmp"
+    other = tmp_path / ".train_stats.json.ghi789.tmp"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"partial")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    model = (tmp_path / "model.pt").read_bytes()
+    saver()
+    assert not stale.exists() and fresh.exists() and other.exists()  # only its own file's stale leftovers
+    assert (tmp_path / "model.pt").read_bytes() == model
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["model.pt"]
 
 
 def test_best_model_score_survives_a_new_saver_in_our_format_and_monais(tmp_path):

@@ -445,7 +445,11 @@ def test_killed_training_keeps_weights_and_next_infer_uses_new_ones(trained):
     assert ctx.weights.stat().st_mtime_ns == checkpoint  # the kill did not touch the saved weights
     state = torch.load(str(ctx.weights), map_location="cpu", weights_only=True)
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
-    assert not list(ctx.weights.parent.glob("tmp*")), "a partial checkpoint was left behind"
+    # the kill may land in a checkpoint save: its temporary file is hidden (".model.pt.*.tmp", skipped by every
+    # reader and removed by a later saver once stale: tests/test_bundle.py), never a visible partial file
+    left = sorted(p.name for p in ctx.weights.parent.iterdir() if not p.name.startswith("."))
+    assert not [n for n in left if n.startswith("tmp") or n.endswith(".tmp")], f"a partial checkpoint is visible: {left}"
+    assert all(re.fullmatch(r"\.[\w.]+\.pt\.\w+\.tmp", p.name) or not p.name.endswith(".tmp") for p in ctx.weights.parent.iterdir())
 
     data, affine, _, params = _infer(ctx, "itk_c")  # hot-reloaded: the result now comes from the new weights
     assert params["weights"]["mtime_ns"] == checkpoint
