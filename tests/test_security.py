@@ -204,6 +204,11 @@ def test_web_pages_and_foreign_host_names_are_refused(sec):
     probe(sec, "Origin: null (sandboxed page)", "POST", "/activelearning/first", 403, headers={"Origin": "null"})
     probe(sec, "Host: rebound name (DNS rebinding)", "GET", "/info/", 400, headers={"Host": "attacker.example"})
     probe(sec, "Host: localhost", "GET", "/info/", 200, headers={"Host": f"localhost:{sec.server.port}"})
+    probe(sec, "Host: LocalHost (names are case-blind)", "GET", "/info/", 200, headers={"Host": f"LocalHost:{sec.server.port}"})
+    probe(sec, "Host: [::1] (IPv6 loopback)", "GET", "/info/", 200, headers={"Host": f"[::1]:{sec.server.port}"})
+    probe(sec, "Host: 127.0.0.1.attacker.example", "GET", "/info/", 400, headers={"Host": "127.0.0.1.attacker.example"})
+    probe(sec, "GET /ohif/.. (a folder, not a file)", "GET", "/ohif/%2E%2E", 404)
+    probe(sec, "GET /static/../main.py", "GET", "/static/%2E%2E/main.py", 404)
     probe(sec, "GET /info/ as Slicer sends it", "GET", "/info/", 200)
 
 

@@ -422,6 +422,8 @@ class RequestGuard:
                 {"detail": "Requests from web pages are refused (Origin not allowed; see --conf cors_origins)."},
             )(scope, receive, send)
         path = scope["path"]
+        if any(part in (".", "..") for part in path.split("/")):  # no route takes one; /ohif/.. was a 500
+            return await _json(404, {"detail": "Not Found"})(scope, receive, send)
         if path in self.OPEN_PATHS:
             return await self._login(scope, receive, send, path)
         if self.auth is not None:
@@ -586,7 +588,8 @@ def secure_server(app_dir: str, conf: Dict[str, str], host: Optional[str], roots
             )
         logger.warning(f"Listening on {host} WITHOUT login (--conf insecure true): anyone on the network has access")
 
-    hosts = list(LOOPBACK_NAMES) + _conf_list(conf, "allowed_hosts")
+    # starlette compares the lower-cased Host name (brackets and port removed) with these: lower-case them too
+    hosts = list(LOOPBACK_NAMES) + [h.lower().strip("[]") for h in _conf_list(conf, "allowed_hosts")]
     if not loopback:
         hosts += [host] if host not in ("0.0.0.0", "::") else []
         if host in ("0.0.0.0", "::") and not _conf_list(conf, "allowed_hosts"):
