@@ -9,6 +9,7 @@ and time is recorded and printed at the end of the module (``probes.json`` in th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -128,6 +129,40 @@ def test_every_endpoint_refuses_a_request_without_the_token(sec):
     probe(sec, "POST /auth/token wrong password", "POST", "/auth/token", 401, token=False, data=bad)
     probe(sec, "GET /auth/token/valid", "GET", "/auth/token/valid", 200)
     assert sec.client.auth_valid_token()
+
+
+def test_password_guessing_is_throttled_per_user_name(sec):
+    """Five wrong passwords for one name: that name is refused (429, Retry-After), even with the right password,
+    while another user still logs in; the wait doubles per further failure up to 15 min."""
+    _add_user(sec, sec.users, name="trainee")  # the user file is read at each login
+    form = {"username": "trainee", "password": "wrong password", "grant_type": "password"}
+    for i in range(5):
+        probe(sec, f"POST /auth/token wrong password #{i + 1}", "POST", "/auth/token", 401, token=False, data=form)
+    right = {**form, "password": PASSWORD}
+    r = probe(sec, "POST /auth/token right password after 5 wrong", "POST", "/auth/token", 429, token=False, data=right)
+    assert 25 <= int(r.headers["retry-after"]) <= 31 and "try again in" in r.json()["detail"]
+    assert sec.client.auth_token("annotator", PASSWORD)["access_token"]  # another name is not affected
+
+    auth = load_app_module("app_auth", sec.app / "lib" / "auth.py")
+    now = [0.0]
+    throttle = auth.LoginThrottle(clock=lambda: now[0])
+    waits = []
+    for _ in range(9):
+        throttle.failed("x")
+        with pytest.raises(auth.LoginLocked) if _ >= 4 else contextlib.nullcontext() as locked:
+            throttle.check("x")
+        waits.append(round(locked.value.seconds) if _ >= 4 else 0)
+    assert waits == [0, 0, 0, 0, 30, 60, 120, 240, 480]
+    for _ in range(3):
+        throttle.failed("x")
+    with pytest.raises(auth.LoginLocked) as locked:
+        throttle.check("x")
+    assert locked.value.seconds == 900  # capped at 15 min
+    now[0] += 901
+    throttle.check("x")  # the wait is over: one more try
+    throttle.succeeded("x")
+    throttle.failed("x")
+    throttle.check("x")  # a correct login reset the count
 
 
 def test_non_loopback_host_without_login_is_refused(tmp_path):

@@ -10,7 +10,10 @@ local user file instead, which a small team can run without another server:
 * users: a JSON file (``--conf users <file>``, default ``<app>/model/users.json``) holding bcrypt hashes,
   written by ``python monailabel_app/lib/auth.py add-user NAME`` (asks for the password; ``--users FILE``);
 * tokens: HS256 JWTs (PyJWT) signed with a random key kept next to the user file (``<file>.key``, mode 0600,
-  created at the first start), valid ``--conf token_hours`` hours (default 12).
+  created at the first start), valid ``--conf token_hours`` hours (default 12);
+* password guessing: after ``LoginThrottle.FREE`` (5) wrong passwords in a row for one user name (known or not),
+  that name is refused with 429 and ``Retry-After`` for 30 s, doubling with each further failure up to 15 min;
+  a correct login resets it. The wait applies to the name, not the caller (every caller is 127.0.0.1 here).
 
 The check itself is the request guard in ``lib/server.py``; this module holds the user file and the tokens.
 """
@@ -77,6 +80,40 @@ def add_user(path: str, name: str, password: str) -> None:
     write_private(path, json.dumps({"users": users}, indent=2))
 
 
+class LoginLocked(Exception):
+    """Too many wrong passwords for this user name: retry after ``seconds``."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"Too many failed logins: try again in {int(seconds) + 1} s")
+        self.seconds = seconds
+
+
+class LoginThrottle:
+    """Wrong-password backoff per user name (module doc). In memory: a restart forgets it."""
+
+    FREE, FIRST_S, MAX_S, MAX_NAMES = 5, 30.0, 900.0, 10000
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.failures: Dict[str, list] = {}  # name -> [failures in a row, locked until]
+
+    def check(self, name: str) -> None:
+        entry = self.failures.get(name)
+        if entry is not None and entry[1] > self.clock():
+            raise LoginLocked(entry[1] - self.clock())
+
+    def failed(self, name: str) -> None:
+        if name not in self.failures and len(self.failures) >= self.MAX_NAMES:  # bounded memory under a spray
+            self.failures.pop(next(iter(self.failures)))
+        entry = self.failures.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        if entry[0] >= self.FREE:
+            entry[1] = self.clock() + min(self.MAX_S, self.FIRST_S * 2 ** (entry[0] - self.FREE))
+
+    def succeeded(self, name: str) -> None:
+        self.failures.pop(name, None)
+
+
 class LocalAuth:
     """Users from a file, tokens signed with a key kept next to it.
 
@@ -94,6 +131,7 @@ class LocalAuth:
             raise ValueError(f"The user file {users_path} has no users: add one with `add-user NAME`")
         self._key = self._load_key(f"{users_path}.key")
         self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt())  # same work for unknown users
+        self.throttle = LoginThrottle()
 
     @staticmethod
     def _load_key(path: str) -> bytes:
@@ -108,7 +146,9 @@ class LocalAuth:
         return bytes.fromhex(key)
 
     def login(self, username: str, password: str) -> Optional[str]:
-        """A signed token for valid credentials, else None. The file is read each time: edits need no restart."""
+        """A signed token for valid credentials, else None; :class:`LoginLocked` while the name is throttled.
+        The file is read each time: edits need no restart."""
+        self.throttle.check(username)
         users = read_users(self.users_path)
         entry = users.get(username)
         stored = entry["hash"].encode() if entry else self._dummy
@@ -117,7 +157,9 @@ class LocalAuth:
         except ValueError:
             ok = False
         if not (ok and entry):
+            self.throttle.failed(username)
             return None
+        self.throttle.succeeded(username)
         now = int(time.time())
         return jwt.encode({"sub": username, "iat": now, "exp": now + self.token_s}, self._key, algorithm=ALGORITHM)
 

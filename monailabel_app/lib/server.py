@@ -465,7 +465,13 @@ class RequestGuard:
             username, password = str(form.get("username", "")), str(form.get("password", ""))
         except Exception:
             return await _json(422, {"detail": "Send the form fields username and password"})(scope, receive, send)
-        token = await run_in_threadpool(self.auth.login, username, password)  # bcrypt: ~0.2 s, off the loop
+        from .auth import LoginLocked
+
+        try:
+            token = await run_in_threadpool(self.auth.login, username, password)  # bcrypt: ~0.2 s, off the loop
+        except LoginLocked as e:
+            logger.warning("Login refused: too many wrong passwords for this user name (throttled)")
+            return await _json(429, {"detail": str(e)}, {"Retry-After": str(int(e.seconds) + 1)})(scope, receive, send)
         if token is None:
             logger.warning("Login refused (unknown user or wrong password)")
             return await _json(401, {"detail": "Wrong user name or password"}, {"WWW-Authenticate": "Bearer"})(
