@@ -415,9 +415,9 @@ def test_infer_label_copy_takes_no_suffix_from_the_client(tmp_path, monkeypatch)
         assert copy.endswith(".nii.gz") and len(os.path.basename(copy)) < 40, copy
 
 
-def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch):
+def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch, tmp_path):
     """A .bin label is reshaped by monailabel to its datastore image: with a file or session, an unknown image
-    or another byte count, that was a 500."""
+    or another byte count, that was a 500. The volume it is converted to is removed after the request."""
     import types
 
     from fastapi import HTTPException, UploadFile
@@ -425,8 +425,19 @@ def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch):
     from monailabel.interfaces.utils import app as app_utils
 
     ds, vol = store[0], store[3]
+    converted = []
+
+    def run_inference(background_tasks, model, image, session_id, params, file, label, output):
+        if image:  # what monailabel does with a .bin label: a volume on the image's grid, in the temp folder
+            raw = tmp_path / "strokes.bin"
+            raw.write_bytes(label.file.read())
+            converted.append(infer_endpoint.binary_to_image(ds.get_image_uri(image), str(raw)))
+            assert os.path.isfile(converted[-1])
+        return "ran"
+
     monkeypatch.setattr(app_utils, "app_instance", lambda: types.SimpleNamespace(datastore=lambda: ds))
-    monkeypatch.setattr(infer_endpoint, "run_inference", lambda *a: "ran")
+    monkeypatch.setattr(infer_endpoint, "run_inference", run_inference)
+    monkeypatch.setattr(infer_endpoint, "binary_to_image", infer_endpoint.binary_to_image)  # undone after the test
     monkeypatch.setitem(sys.modules, "monailabel.app", types.ModuleType("monailabel.app"))
     assert infer_inputs_only_from_request(Limits())
 
@@ -440,6 +451,7 @@ def test_infer_binary_label_needs_its_image_and_size(store, monkeypatch):
             infer(image, size, session_id)
         assert e.value.status_code == status, (image, size, e.value.detail)
     assert infer("own", vol.size) == "ran"
+    assert len(converted) == 1 and not os.path.exists(converted[0])  # monailabel left it in the temp folder
 
 
 def test_image_info_path_of_a_linked_volume_is_not_answered(store, tmp_path):

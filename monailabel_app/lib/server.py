@@ -36,6 +36,7 @@ rebuilds is missing, and :func:`make_infer_non_blocking` warns when the route it
 (No ``from __future__ import annotations`` here: FastAPI must see the endpoint's real annotation objects.)
 """
 
+import contextlib
 import gc
 import json
 import logging
@@ -950,6 +951,14 @@ def infer_inputs_only_from_request(limits) -> bool:
     original = infer_endpoint.run_inference
     if getattr(original, "_inputs_from_request", False):
         return True
+    convert = infer_endpoint.binary_to_image
+
+    def binary_to_image(*args, **kwargs):  # monailabel never removes the volume it converts a .bin label to
+        out = convert(*args, **kwargs)
+        getattr(_request_volumes, "converted", []).append(out)
+        return out
+
+    infer_endpoint.binary_to_image = binary_to_image
 
     def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None):
         if image and not file and not session_id:
@@ -987,11 +996,15 @@ def infer_inputs_only_from_request(limits) -> bool:
                 session = sessions.get_session(session_id, update_ts=False) if sessions is not None else None
                 if session is not None:
                     allowed.add(os.path.realpath(session.image))
-            _request_volumes.paths = allowed
+            _request_volumes.paths, _request_volumes.converted = allowed, []
             try:
                 return original(background_tasks, model, image, session_id, params, None, label, output)
             finally:
                 _request_volumes.paths = ()
+                for path in _request_volumes.converted:  # the inference has read it: the answer is computed
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                _request_volumes.converted = []
 
     run_inference._inputs_from_request = True  # type: ignore[attr-defined]
     infer_endpoint.run_inference = run_inference
