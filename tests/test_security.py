@@ -29,8 +29,9 @@ PASSWORD = "correct horse battery"
 PROBES = []  # (what, status, seconds)
 
 
-def _add_user(c, users: Path, name: str = "annotator") -> None:
-    cmd = [sys.executable, str(c.app / "lib" / "auth.py"), "add-user", name, "--users", str(users), "--password-stdin"]
+def _add_user(c, users: Path, name: str = "annotator", role: str = "annotator") -> None:
+    cmd = [sys.executable, str(c.app / "lib" / "auth.py"), "add-user", name, "--users", str(users), "--password-stdin",
+           "--role", role]
     subprocess.run(cmd, input=PASSWORD + "\n", text=True, check=True, env=c.env, capture_output=True)
 
 
@@ -163,6 +164,22 @@ def test_password_guessing_is_throttled_per_user_name(sec):
     throttle.succeeded("x")
     throttle.failed("x")
     throttle.check("x")  # a correct login reset the count
+
+
+def test_only_an_admin_deletes_images_and_labels(sec):
+    """Deleting loses data: an annotator gets 403 (what monailabel's own RBAC reserves for admins), an admin
+    user (add-user --role admin) deletes; the image stays until then."""
+    sec.client.upload_image(str(sec.studies / "colin_a.nii.gz"), image_id="scratch_copy")
+    for method, url in (("DELETE", "/datastore/image?id=scratch_copy"), ("DELETE", "/datastore/?id=scratch_copy"),
+                        ("DELETE", "/datastore/label?id=scratch_copy&tag=final"), ("POST", "/reload")):
+        r = probe(sec, f"{method} {url} as annotator", method, url, 403)
+        assert "Only an admin" in r.json()["detail"]
+    assert "scratch_copy" in sec.client.datastore()["objects"]
+    _add_user(sec, sec.users, name="chief", role="admin")
+    token = sec.client.auth_token("chief", PASSWORD)["access_token"]
+    admin = {"Authorization": f"Bearer {token}"}
+    probe(sec, "DELETE image as admin", "DELETE", "/datastore/image?id=scratch_copy", 200, token=False, headers=admin)
+    assert "scratch_copy" not in sec.client.datastore()["objects"]
 
 
 def test_non_loopback_host_without_login_is_refused(tmp_path):

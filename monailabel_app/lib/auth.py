@@ -13,7 +13,10 @@ local user file instead, which a small team can run without another server:
   created at the first start), valid ``--conf token_hours`` hours (default 12);
 * password guessing: after ``LoginThrottle.FREE`` (5) wrong passwords in a row for one user name (known or not),
   that name is refused with 429 and ``Retry-After`` for 30 s, doubling with each further failure up to 15 min;
-  a correct login resets it. The wait applies to the name, not the caller (every caller is 127.0.0.1 here).
+  a correct login resets it. The wait applies to the name, not the caller (every caller is 127.0.0.1 here);
+* roles: ``annotator`` (the default: segment, label, sessions, Next Sample, train) or ``admin`` (also what
+  loses data or changes the server: deleting images and labels, ``/reload``), set with ``add-user --role``.
+  An entry without a role is an annotator. The server's own processes act as admin.
 
 The check itself is the request guard in ``lib/server.py``; this module holds the user file and the tokens.
 """
@@ -36,6 +39,7 @@ import jwt
 ALGORITHM = "HS256"
 SERVICE = "<server>"  # subject of the service token; not a valid user name, so no user can have it
 MIN_PASSWORD = 8
+ROLES = ("annotator", "admin")
 
 
 def write_private(path: str, text: str) -> None:
@@ -70,13 +74,15 @@ def read_users(path: str) -> Dict[str, Dict]:
     return users
 
 
-def add_user(path: str, name: str, password: str) -> None:
+def add_user(path: str, name: str, password: str, role: str = "annotator") -> None:
     if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum() or len(name) > 64:
         raise ValueError("A user name is 1-64 letters, digits, '.', '_' or '-'")
     if len(password) < MIN_PASSWORD:
         raise ValueError(f"A password has at least {MIN_PASSWORD} characters")
+    if role not in ROLES:
+        raise ValueError(f"A role is one of {', '.join(ROLES)}")
     users = read_users(path) if os.path.exists(path) else {}
-    users[name] = {"hash": bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}
+    users[name] = {"hash": bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode(), "role": role}
     write_private(path, json.dumps({"users": users}, indent=2))
 
 
@@ -163,6 +169,16 @@ class LocalAuth:
         now = int(time.time())
         return jwt.encode({"sub": username, "iat": now, "exp": now + self.token_s}, self._key, algorithm=ALGORITHM)
 
+    def role(self, name: str) -> str:
+        """``admin`` or ``annotator`` (module doc); the server's own processes are admin."""
+        if name == SERVICE:
+            return "admin"
+        try:
+            role = read_users(self.users_path).get(name, {}).get("role")
+        except (OSError, ValueError):
+            return "annotator"
+        return role if role in ROLES else "annotator"
+
     def users(self) -> Dict[str, Dict]:
         return read_users(self.users_path)
 
@@ -198,6 +214,7 @@ def main(argv=None) -> int:
         help="the user file (default: monailabel_app/model/users.json, what the server reads by default)",
     )
     parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    parser.add_argument("--role", choices=ROLES, default="annotator", help="admin may also delete images and labels")
     args = parser.parse_args(argv)
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -207,11 +224,11 @@ def main(argv=None) -> int:
             print("The passwords differ", file=sys.stderr)
             return 1
     try:
-        add_user(args.users, args.name, password)
+        add_user(args.users, args.name, password, args.role)
     except (ValueError, FileNotFoundError) as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"User {args.name} saved in {args.users}")
+    print(f"User {args.name} ({args.role}) saved in {args.users}")
     return 0
 
 

@@ -435,9 +435,18 @@ class RequestGuard:
                 )(scope, receive, send)
             if path == "/auth/token/valid":
                 return await _json(200, {"username": user})(scope, receive, send)
+            if self.admin_only(scope["method"], path) and self.auth.role(user) != "admin":
+                return await _json(403, {"detail": "Only an admin user may do this (deleting images or labels, reload)."})(
+                    scope, receive, send
+                )
         elif path == "/auth/token/valid":
             return await _json(200, {"username": "local"})(scope, receive, send)
         await self.app(scope, receive, self._scrubbing(send) if self.scrub else send)
+
+    @staticmethod
+    def admin_only(method: str, path: str) -> bool:
+        """What loses data or changes the server (``lib/auth.py``, roles)."""
+        return (method == "DELETE" and path.rstrip("/").startswith("/datastore")) or path.rstrip("/") == "/reload"
 
     def _user(self, headers) -> Optional[str]:
         scheme, _, token = headers.get("authorization", "").partition(" ")
