@@ -150,10 +150,17 @@ def plot_curve(rows: List[dict], out_png: str, title: str = "Med-URWKV active le
 
 
 class Loop:
-    def __init__(self, server: str, model: str, strategy: str, truth: Dict[str, str], tmpdir: str):
+    def __init__(
+        self, server: str, model: str, strategy: str, truth: Dict[str, str], tmpdir: str, user: Optional[str] = None,
+        password: Optional[str] = None,
+    ):
         from monailabel.client import MONAILabelClient
 
         self.client = MONAILabelClient(server, tmpdir=tmpdir)
+        if self.client.auth_enabled():  # the server's login (--conf auth true): as Slicer's module logs in
+            if not user or password is None:
+                raise SystemExit("The server requires a login: pass --user NAME (password from MEDURWKV_PASSWORD or a prompt)")
+            self.client.update_auth(self.client.auth_token(user, password))
         self.model = model
         self.strategy = strategy
         self.truth = truth
@@ -314,7 +321,7 @@ def start_server(app: str, studies: str, conf: List[List[str]], timeout: float =
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}")
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if requests.get(f"{url}/info/", timeout=5).status_code in (200, 401):  # 401: up, login on
                 return proc, url
         except requests.RequestException:
             pass
@@ -349,7 +356,15 @@ def main(argv=None) -> int:
     parser.add_argument("--clicks", type=int, default=0, help="simulated SmartEdit clicks per sample (0: none)")
     parser.add_argument("--scribbles", type=int, default=0, help="simulated Scribbles strokes per sample (0: none)")
     parser.add_argument("--out", default="active_learning_dice.png", help="PNG; the numbers go to the same name .json")
+    parser.add_argument("--user", help="user name, when the server has its login on (password: MEDURWKV_PASSWORD or asked)")
     args = parser.parse_args(argv)
+    password = None
+    if args.user:
+        password = os.environ.get("MEDURWKV_PASSWORD")
+        if password is None:
+            import getpass
+
+            password = getpass.getpass(f"Password for {args.user}: ")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
 
     truth = ground_truth(args.labels)
@@ -364,7 +379,7 @@ def main(argv=None) -> int:
         proc, server = start_server(args.app, args.studies, args.conf)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            loop = Loop(server, args.model, args.strategy, truth, tmp)
+            loop = Loop(server, args.model, args.strategy, truth, tmp, user=args.user, password=password)
             rows = loop.run(
                 args.rounds, args.max_epochs, eval_set, eval_truth, args.eval_max, args.train_timeout, args.clicks,
                 args.scribbles,

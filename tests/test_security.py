@@ -182,6 +182,17 @@ def test_only_an_admin_deletes_images_and_labels(sec):
     assert "scratch_copy" not in sec.client.datastore()["objects"]
 
 
+def test_active_learning_loop_logs_in(sec, tmp_path):
+    """The loop script speaks to a server with the login on as Slicer does: without a user it stops with what to
+    pass; with one it logs in and reads the datastore."""
+    al = load_app_module("al_loop_login", sec.app / "active_learning_loop.py")
+    with pytest.raises(SystemExit) as e:
+        al.Loop(sec.server.url, MODEL, "first", {}, str(tmp_path))
+    assert "--user" in str(e.value)
+    loop = al.Loop(sec.server.url, MODEL, "first", {}, str(tmp_path), user="annotator", password=PASSWORD)
+    assert loop.labeled_count() == sec.client.info()["datastore"]["completed"]
+
+
 def test_non_loopback_host_without_login_is_refused(tmp_path):
     c = stage(tmp_path)
     with pytest.raises(RuntimeError) as e:
