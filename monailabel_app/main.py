@@ -98,7 +98,10 @@ class MedURWKVApp(MONAILabelApp):
     def init_trainers(self) -> Dict[str, TrainTask]:
         if strtobool(self.conf.get("skip_trainers", "false")):
             return {}
-        return {MODEL: self.model.trainer()}
+        trainers = {MODEL: self.model.trainer()}
+        if self.model2d is not None:
+            trainers[MODEL_2D] = self.model2d.trainer()
+        return trainers
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {**self.model.strategy(), "first": First(), "random": Random()}

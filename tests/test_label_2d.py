@@ -1,7 +1,8 @@
 """The 2D model ``medurwkv2d`` of the MONAI Label app (lib/configs/medurwkv2d.py, lib/infers/medurwkv2d.py,
 lib/image2d.py) on a real server (tests/label_server.py), through ``MONAILabelClient`` as 3D Slicer's module uses it.
 
-The staged 2D bundle is the shipped ``bundle2d/`` with, for speed only, 64 x 64 network input, and, to show that
+The staged 2D bundle is the shipped ``bundle2d/`` with, for speed only, 64 x 64 network input (batches of 2 in
+training), and, to show that
 the names come from the bundle, other class names in its ``metadata.json``. Its ``models/model.pt`` is a randomly
 initialised (seeded) Med-URWKV saved here: only the mechanics are checked (sizes, grid, orientation, values), not
 segmentation quality. The reference for the masks is computed here independently of MONAI and of the app: PIL
@@ -23,11 +24,12 @@ import numpy as np
 import pytest
 import torch
 
-from label_server import ROOT, VOLUMES, http, serving, stage, status_of
+from label_server import ROOT, VOLUMES, http, serving, stage, status_of, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MODEL_2D = "medurwkv2d"
+MNI = ROOT / "sample_data" / "2d" / "mni152_3class"  # 116 x 98 grayscale slices with 0/1/2 masks
 BUNDLE2D = ROOT / "bundle2d"
 RGB = ROOT / "sample_data" / "2d" / "rgb" / "visible_woman_head.png"  # 142 x 167 RGB
 GRAY = ROOT / "sample_data" / "2d" / "heads" / "images" / "itk_kmeanstest_t1_z088.png"  # 128 x 62 grayscale
@@ -45,10 +47,11 @@ def ctx(tmp_path_factory):
     c = stage(tmp_path_factory.mktemp("label_2d"), volumes={"colin_a": VOLUMES["colin_a"]}, held_out={})
     c.bundle2d = c.root / "bundle2d"
     shutil.copytree(BUNDLE2D, c.bundle2d, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt"))
-    cfg_path = c.bundle2d / "configs" / "inference.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(image_size=[SIZE, SIZE], num_workers=0)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    for name in ("inference.json", "train.json"):  # speed only: 64 x 64 input, batches of 2, no loader workers
+        cfg_path = c.bundle2d / "configs" / name
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(image_size=[SIZE, SIZE], num_workers=0, **({"batch_size": 2} if "train" in cfg else {}))
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     meta_path = c.bundle2d / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta["network_data_format"]["outputs"]["pred"]["channel_def"] = CLASSES
@@ -106,8 +109,7 @@ def test_info_lists_the_2d_model_with_the_bundles_labels(ctx):
     assert model["labels"] == {"lesion": 1, "vessel": 2}  # the staged metadata's channel_def, background dropped
     assert model["dimension"] == 2 and model["type"] == "segmentation"
     assert model["weights"]["available"] is True
-    assert "Training is not served by this app for the 2D model" in model["description"]
-    assert MODEL_2D not in info.get("trainers", {})
+    assert MODEL_2D in info["trainers"]
     assert "medurwkv" in info["models"]  # the 3D model is still served
     assert "head_slice" in ctx.client.datastore()["objects"]  # a PNG in the studies folder is listed
 
@@ -173,6 +175,57 @@ def test_grayscale_png_sent_as_a_file_gets_a_nifti_mask_on_the_same_grid(ctx):
     assert_same_mask(np.asarray(img.dataobj)[:, :, 0].T, ref)
 
 
+# ----------------------------------------------------------------------------------------------- no server needed
+@pytest.fixture(scope="module")
+def image2d():
+    import sys
+
+    app, flag = str(ROOT / "monailabel_app"), sys.dont_write_bytecode
+    sys.path.insert(0, app)
+    sys.dont_write_bytecode = True  # nothing written into the repository
+    try:
+        from lib import image2d
+
+        yield image2d
+    finally:
+        sys.path.remove(app)
+        sys.dont_write_bytecode = flag
+
+
+def test_headers_give_pils_sizes_and_masks_land_on_itks_grid(image2d, tmp_path):
+    import SimpleITK as sitk
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    cases = {"L": 1, "RGB": 3, "RGBA": 4, "I;16": 1, "P": 1, "LA": 2}
+    for mode, channels in cases.items():
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        Image.new(mode, (37, 21)).save(path)
+        width, height, n, item = image2d.read_header_2d(str(path))
+        assert (width, height) == Image.open(path).size == (37, 21) and n == channels
+        assert item == (2 if mode == "I;16" else 1)
+    jpeg = tmp_path / "photo.jpg"  # EXIF before the frame header, progressive, 0.1 mm pixels
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000
+    Image.fromarray(rng.integers(0, 255, (21, 37, 3), dtype=np.uint8)).save(
+        jpeg, exif=exif, progressive=True, dpi=(254, 254))
+    assert image2d.read_header_2d(str(jpeg)) == (37, 21, 3, 1)
+
+    # a (W, H) mask written for the JPEG: a PNG of W x H, a one-slice NRRD on ITK's grid of the JPEG (spacing too)
+    mask = rng.integers(0, 3, (37, 21))
+    image2d.write_mask_2d(mask, str(jpeg), str(tmp_path / "m.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), mask.T)
+    image2d.write_mask_2d(mask, str(jpeg), str(tmp_path / "m.nrrd"))
+    out, ref = sitk.ReadImage(str(tmp_path / "m.nrrd")), sitk.ReadImage(str(jpeg))
+    assert out.GetSize() == (37, 21, 1)
+    np.testing.assert_allclose(out.GetSpacing()[:2], ref.GetSpacing(), atol=1e-9)
+    assert ref.GetSpacing()[0] == pytest.approx(0.1)
+    assert np.array_equal(sitk.GetArrayFromImage(out)[0], mask.T)
+    geometry = image2d.slicer_geometry(str(jpeg))
+    assert geometry.shape == (37, 21, 1)
+    np.testing.assert_allclose(geometry.affine, np.diag([-0.1, -0.1, 1.0, 1.0]), atol=1e-9)  # LPS -> RAS
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -221,3 +274,41 @@ def test_malformed_and_oversized_pngs_are_4xx_naming_the_problem_and_the_server_
     assert http(ctx, "GET", "/info/")[0] == 200
     path, _ = ctx.client.infer(MODEL_2D, "head_slice", {})  # still segments
     assert Path(path).stat().st_size > 0
+
+
+def test_training_on_submitted_2d_labels_writes_weights_that_inference_reloads(ctx):
+    """Labels as Slicer submits them (a one-slice NRRD on the image's grid) and as a PNG; one epoch from scratch."""
+    import SimpleITK as sitk
+
+    weights = ctx.bundle2d / "models" / "model.pt"
+    before = weights.stat().st_mtime_ns
+    for i, z in enumerate(("040", "048")):
+        image_id = f"mni_{z}"
+        ctx.client.upload_image(str(MNI / "images" / f"mni152_2009a_z{z}.png"), image_id)
+        label_png = MNI / "labels" / f"mni152_2009a_z{z}.png"
+        if i == 0:
+            label = str(ctx.client_dir / f"{image_id}.nrrd")
+            sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(label_png))), label)  # (W, H, 1), the PNG's grid
+        else:
+            label = str(label_png)
+        assert ctx.client.save_label(image_id, label, tag="final")["label"] == image_id
+    def finished():
+        s = ctx.client.train_status()
+        return s if s["status"] not in ("SUBMITTED", "RUNNING") else None
+
+    ctx.client.train_start("medurwkv", {"max_epochs": 1})  # the 3D trainer takes volumes only: none is labeled
+    status = wait_for(finished, 300, "the 3D training")
+    assert status["status"] == "ERROR"
+    assert "No volume has a final label yet" in "\n".join(status["details"][-5:])
+    ctx.client.train_start(MODEL_2D, {"max_epochs": 1, "pretrained": False, "val_split": 0.5})
+    status = wait_for(finished, 400, "the 2D training")
+    assert status["status"] == "DONE", status.get("details", [])[-10:]
+    assert weights.stat().st_mtime_ns != before
+    try:
+        path, result = ctx.client.infer(MODEL_2D, "mni_040", {})
+        assert result["weights"]["loaded_mtime_ns"] == weights.stat().st_mtime_ns  # hot-reloaded
+        assert ctx.client.info()["trainers"][MODEL_2D]["config"]["max_epochs"] == 100  # the bundle's epochs
+    finally:  # the other tests' reference is the random network
+        from medurwkv.checkpoint import save_weights
+
+        save_weights(ctx.net.state_dict(), weights)

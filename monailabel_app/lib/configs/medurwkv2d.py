@@ -1,4 +1,4 @@
-"""The 2D model of this app (``medurwkv2d``): the 2D bundle, and the infer task built on it.
+"""The 2D model of this app (``medurwkv2d``): the 2D bundle, and the infer and train tasks built on it.
 
 Bundle lookup (first match wins): ``--conf bundle2d <dir>``, then ``<app>/model/bundle2d`` (a copy or symlink you
 manage yourself), then the repository's ``bundle2d/`` next to the app. When none is found the app serves the 3D
@@ -6,10 +6,10 @@ model only (``--conf bundle2d false`` turns the 2D model off). The weights are t
 (tensor-only, strictly loaded, reloaded when the file changes); label names are its ``metadata.json``
 ``channel_def``. Nothing is downloaded.
 
-``--conf`` keys read for the 2D model: ``bundle2d``; ``amp``, ``infer_concurrency``, ``prob_cache`` and
-``prob_cache_mb`` as for the 3D model (the same keys, see ``lib/configs/medurwkv.py``).
-
-Training is not served for the 2D model yet (``lib/infers/medurwkv2d.py``: ``TRAINING_NOTE``).
+``--conf`` keys read for the 2D model: ``bundle2d``, ``max_epochs2d``, ``pretrained_encoder2d``
+(``lib/trainers/medurwkv2d.py``); ``amp``, ``infer_concurrency``, ``prob_cache``, ``prob_cache_mb`` and
+``val_split`` are shared with the 3D model (see ``lib/configs/medurwkv.py``). No uncertainty scoring or strategy of
+its own: the app's ``first`` and ``random`` strategies hand out 2D images as well.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from ..infers.medurwkv import bundle_labels, weights_state
 from ..infers.medurwkv2d import MedURWKV2dInfer
+from ..trainers.medurwkv2d import MedURWKV2dTrain
 
 
 def bundle2d_candidates(app_dir: str, conf: Dict[str, str]) -> List[str]:
@@ -47,7 +48,7 @@ def find_bundle2d(app_dir: str, conf: Dict[str, str]) -> Optional[str]:
 
 
 class MedURWKV2dConfig(TaskConfig):
-    """The infer task over one 2D Med-URWKV bundle (no trainer, scoring or strategy of its own yet)."""
+    """The infer and train tasks over one 2D Med-URWKV bundle (no scoring or strategy of its own yet)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner=None, bundle_path: str = "", **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -67,5 +68,5 @@ class MedURWKV2dConfig(TaskConfig):
     def infers(self) -> Dict[str, MedURWKV2dInfer]:
         return {self.name: self.infer()}
 
-    def trainer(self):
-        return None
+    def trainer(self) -> MedURWKV2dTrain:
+        return MedURWKV2dTrain(self.bundle_path, self.conf, name=self.name)

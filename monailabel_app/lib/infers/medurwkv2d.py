@@ -31,13 +31,6 @@ from ..image2d import MASK_EXTENSIONS, read_header_2d, write_mask_2d
 from ..options import Opt
 from .medurwkv import MedURWKVInfer, weights_state
 
-TRAINING_NOTE = (
-    "Training is not served by this app for the 2D model yet: train with the 2D bundle "
-    "(python -m monai.bundle run --config_file configs/train.json in bundle2d/); the app reloads "
-    "models/model.pt when it changes."
-)
-
-
 class MedURWKV2dInfer(MedURWKVInfer):
     """Segmentation of a PNG/JPEG image with the 2D bundle's Med-URWKV network (see the module docstring).
 
@@ -50,11 +43,6 @@ class MedURWKV2dInfer(MedURWKVInfer):
         parser = super()._load_bundle_config(path, config)
         parser["datalist"] = []  # the bundle's test list, read from its dataset_dir: not needed to serve
         return parser
-
-    def info(self) -> Dict[str, Any]:
-        i = super().info()
-        i["description"] = f"{i['description']} {TRAINING_NOTE}"
-        return i
 
     def options(self) -> Dict[str, Opt]:
         opts = super().options()
