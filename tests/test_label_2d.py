@@ -240,12 +240,20 @@ def test_malformed_and_oversized_pngs_are_4xx_naming_the_problem_and_the_server_
         + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + _png_chunk(b"IEND", b"")
     )
+    huge_jpeg = tmp_path / "huge_jpeg.jpg"  # a JPEG frame header declaring 60000 x 60000, 3 components
+    huge_jpeg.write_bytes(b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x00" * 9
+                          + b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, 60000, 60000, 3) + b"\x01\x11\x00" * 3
+                          + b"\xff\xd9")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(ctx.rgb.read_bytes()[:200])
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"GIF89a not a png at all" * 4)
-    cases = [(huge, 413, "100000 x 100000"), (truncated, 422, "could not be decoded"),
+    cases = [(huge, 413, "100000 x 100000"), (huge_jpeg, 413, "60000 x 60000"), (truncated, 422, "could not be decoded"),
              (garbage, 422, "neither a PNG nor a JPEG")]
+    import psutil
+
+    server = psutil.Process(ctx.server.proc.pid)
+    rss = server.memory_info().rss
     for path, status, words in cases:
         start = time.time()
         with pytest.raises(MONAILabelClientException) as e:
@@ -256,8 +264,9 @@ def test_malformed_and_oversized_pngs_are_4xx_naming_the_problem_and_the_server_
         assert status_of(e.value) == status and words in str(e.value), str(e.value)
         assert time.time() - start < 30
         assert str(tmp_path) not in str(e.value)  # no server or client path in the answer
+    assert server.memory_info().rss - rss < 300 * 2**20  # nothing of the declared 30 GB / 10 GB was allocated
     objects = ctx.client.datastore()["objects"]
-    assert not {"huge", "truncated", "garbage"} & set(objects)
+    assert not {"huge", "huge_jpeg", "truncated", "garbage"} & set(objects)
 
     # a volume to the 2D model, a PNG to the 3D model: 415 naming the right model
     with pytest.raises(MONAILabelClientException) as e:
