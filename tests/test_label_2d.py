@@ -65,6 +65,8 @@ def ctx(tmp_path_factory):
     Image.open(RGB).convert("RGB").crop((10, 40, 130, 112)).save(c.rgb)
     c.gray = c.root / "gray.png"
     shutil.copy(GRAY, c.gray)
+    c.jpeg = c.root / "rgb_crop.jpg"
+    Image.open(c.rgb).save(c.jpeg, quality=90)
     shutil.copy(GRAY, c.studies / "head_slice.png")
     with serving(c, extra_conf={"bundle2d": str(c.bundle2d)}):
         yield c
@@ -173,6 +175,18 @@ def test_grayscale_png_sent_as_a_file_gets_a_nifti_mask_on_the_same_grid(ctx):
     # ITK's PNG grid (origin 0, spacing 1, identity direction in LPS) is diag(-1, -1, 1) in RAS
     np.testing.assert_allclose(img.affine, np.diag([-1.0, -1.0, 1.0, 1.0]), atol=1e-6)
     assert_same_mask(np.asarray(img.dataobj)[:, :, 0].T, ref)
+
+
+def test_uploaded_jpeg_is_listed_and_gets_a_png_mask_not_a_lossy_one(ctx):
+    from PIL import Image
+
+    ref = reference_mask(ctx, ctx.jpeg)  # PIL decodes the JPEG as the server's loader does
+    assert ctx.client.upload_image(str(ctx.jpeg), "jpeg_case")["image"] == "jpeg_case"
+    assert ctx.client.datastore()["objects"]["jpeg_case"]["image"]["ext"] == ".jpg"
+    path, _ = ctx.client.infer(MODEL_2D, "jpeg_case", {})
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (120, 72)
+        assert_same_mask(np.asarray(im), ref)
 
 
 # ----------------------------------------------------------------------------------------------- no server needed
