@@ -160,7 +160,9 @@ class MedURWKVApp(MONAILabelApp):
         allowed = task.options() if hasattr(task, "options") else COMMON
         request = check_options(f"strategy '{strategy}'", request, allowed)
         result = super().next_sample({**request, "strategy": strategy})
-        result.pop("path", None)
+        path = result.pop("path", None)
+        if path and is_image_2d(path):  # the plugin downloads to a file named after "name" (else the id) and
+            result.setdefault("name", os.path.basename(path))  # Slicer picks the PNG/JPEG reader by its extension
         return result
 
     def infer_wsi(self, request, datastore=None):

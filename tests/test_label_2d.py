@@ -67,7 +67,7 @@ def ctx(tmp_path_factory):
     shutil.copy(GRAY, c.gray)
     c.jpeg = c.root / "rgb_crop.jpg"
     Image.open(c.rgb).save(c.jpeg, quality=90)
-    shutil.copy(GRAY, c.studies / "head_slice.png")
+    shutil.copy(GRAY, c.studies / "a_head_slice.png")
     with serving(c, extra_conf={"bundle2d": str(c.bundle2d)}):
         yield c
 
@@ -113,7 +113,10 @@ def test_info_lists_the_2d_model_with_the_bundles_labels(ctx):
     assert model["weights"]["available"] is True
     assert MODEL_2D in info["trainers"]
     assert "medurwkv" in info["models"]  # the 3D model is still served
-    assert "head_slice" in ctx.client.datastore()["objects"]  # a PNG in the studies folder is listed
+    assert "a_head_slice" in ctx.client.datastore()["objects"]  # a PNG in the studies folder is listed
+    # Next Sample: Slicer's plugin downloads the image to a file named after "name", whose extension picks the reader
+    sample = ctx.client.next_sample("first", {})
+    assert sample["id"] == "a_head_slice" and sample["name"] == "a_head_slice.png" and "path" not in sample
 
 
 def test_uploaded_rgb_png_gets_a_mask_of_its_size_on_slicers_grid(ctx):
@@ -284,7 +287,7 @@ def test_malformed_and_oversized_pngs_are_4xx_naming_the_problem_and_the_server_
 
     # a volume to the 2D model, a PNG to the 3D model: 415 naming the right model
     with pytest.raises(MONAILabelClientException) as e:
-        ctx.client.infer("medurwkv", "head_slice", {})
+        ctx.client.infer("medurwkv", "a_head_slice", {})
     assert status_of(e.value) == 415 and MODEL_2D in str(e.value)
     with pytest.raises(MONAILabelClientException) as e:
         ctx.client.infer(MODEL_2D, "colin_a", {})
@@ -295,7 +298,7 @@ def test_malformed_and_oversized_pngs_are_4xx_naming_the_problem_and_the_server_
 
     assert ctx.server.proc.poll() is None
     assert http(ctx, "GET", "/info/")[0] == 200
-    path, _ = ctx.client.infer(MODEL_2D, "head_slice", {})  # still segments
+    path, _ = ctx.client.infer(MODEL_2D, "a_head_slice", {})  # still segments
     assert Path(path).stat().st_size > 0
 
 
