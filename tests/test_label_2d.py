@@ -265,8 +265,8 @@ def test_malformed_and_oversized_pngs_are_4xx_naming_the_problem_and_the_server_
     truncated.write_bytes(ctx.rgb.read_bytes()[:200])
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"GIF89a not a png at all" * 4)
-    cases = [(huge, 413, "100000 x 100000"), (huge_jpeg, 413, "60000 x 60000"), (truncated, 422, "could not be decoded"),
-             (garbage, 422, "neither a PNG nor a JPEG")]
+    cases = [(huge, 413, "100000 x 100000"), (huge_jpeg, 413, "60000 x 60000"),
+             (truncated, 422, "could not be decoded"), (garbage, 422, "neither a PNG nor a JPEG")]
     import psutil
 
     server = psutil.Process(ctx.server.proc.pid)

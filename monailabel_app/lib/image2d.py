@@ -147,7 +147,9 @@ def check_image_2d_file(path: str, limits: Limits, desc: Optional[str] = None) -
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.size != (width, height):
-                    raise BadInput(f"{_sentence(what)} declares two sizes ({width} x {height} and {im.size[0]} x {im.size[1]}).")
+                    raise BadInput(
+                        f"{_sentence(what)} declares two sizes ({width} x {height} and {im.size[0]} x {im.size[1]})."
+                    )
                 im.load()
     except BadInput:
         raise
@@ -178,7 +180,8 @@ def write_mask_2d(mask_wh: np.ndarray, image_path: str, out_path: str, dtype: st
     reader.ReadImageInformation()
     if tuple(reader.GetSize()[:2]) != tuple(mask_wh.shape):
         raise ValueError(f"mask of shape {mask_wh.shape} for an image of {reader.GetSize()[:2]} pixels")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(mask_wh.T[None]).astype(np.dtype(dtype)))  # (k, j, i) -> size (W, H, 1)
+    rows = np.ascontiguousarray(mask_wh.T[None]).astype(np.dtype(dtype))  # (k, j, i): ITK size (W, H, 1)
+    img = sitk.GetImageFromArray(rows)
     sx, sy = reader.GetSpacing()[:2]
     ox, oy = reader.GetOrigin()[:2]
     d = np.asarray(reader.GetDirection(), dtype=float).reshape(2, 2)

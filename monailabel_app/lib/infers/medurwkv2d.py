@@ -31,6 +31,7 @@ from ..image2d import MASK_EXTENSIONS, read_header_2d, write_mask_2d
 from ..options import Opt
 from .medurwkv import MedURWKVInfer, weights_state
 
+
 class MedURWKV2dInfer(MedURWKVInfer):
     """Segmentation of a PNG/JPEG image with the 2D bundle's Med-URWKV network (see the module docstring).
 
