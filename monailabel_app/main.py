@@ -3,7 +3,8 @@
     python -m monailabel.main start_server --app monailabel_app --studies <folder of NIfTI volumes>
 
 This file only wires things together: the model and its tasks come from ``lib/configs/medurwkv.py``, which
-wraps the MONAI bundle in ``bundle/`` (network, transforms, inferer, training recipe are the bundle's).
+wraps the MONAI bundle in ``bundle/`` (network, transforms, inferer, training recipe are the bundle's), and the
+2D model ``medurwkv2d`` (PNG/JPEG images) from ``lib/configs/medurwkv2d.py`` over ``bundle2d/`` when it is found.
 See README.md for the commands, the 3D Slicer workflow and the ``--conf`` options.
 """
 
@@ -13,9 +14,10 @@ import threading
 from typing import Any, Dict
 
 import medurwkv
-from lib.configs import MedURWKVConfig
+from lib.configs import MedURWKV2dConfig, MedURWKVConfig, find_bundle2d
 from lib.datastore import CheckedLocalDatastore
-from lib.errors import BadInput, NotFound, image_not_found
+from lib.errors import BadInput, NotFound, UnsupportedFile, image_not_found
+from lib.image2d import is_image_2d
 from lib.imageio import Limits, check_image_suffix
 from lib.options import COMMON, check_options
 from lib.scoring.mc_dropout import KEY_MODEL
@@ -38,6 +40,7 @@ from monailabel.utils.others.generic import strtobool
 logger = logging.getLogger(__name__)
 
 MODEL = "medurwkv"
+MODEL_2D = "medurwkv2d"
 
 
 class MedURWKVApp(MONAILabelApp):
@@ -47,12 +50,19 @@ class MedURWKVApp(MONAILabelApp):
         self.model = MedURWKVConfig()
         self.model.init(MODEL, os.path.join(app_dir, "model"), conf)
         logger.info(f"Med-URWKV bundle: {self.model.bundle_path}; weights: {self.model.path}")
+        self.model2d = None  # the 2D model (PNG/JPEG), when its bundle is found
+        bundle2d = find_bundle2d(app_dir, conf)
+        if bundle2d:
+            self.model2d = MedURWKV2dConfig()
+            self.model2d.init(MODEL_2D, os.path.join(app_dir, "model"), conf, bundle_path=bundle2d)
+            logger.info(f"Med-URWKV 2D bundle: {bundle2d}; weights: {self.model2d.path}")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
             conf=conf,
             name="Med-URWKV brain extraction",
-            description="Pure-RWKV U-Net (Med-URWKV) segmenting the brain in head MRI, slice by slice",
+            description="Pure-RWKV U-Net (Med-URWKV) segmenting the brain in head MRI, slice by slice"
+            + (f"; model '{MODEL_2D}' segments 2D PNG/JPEG images" if self.model2d else ""),
             version=medurwkv.__version__,
         )
         make_infer_non_blocking()
@@ -61,7 +71,8 @@ class MedURWKVApp(MONAILabelApp):
         safe_upload_endpoints(self.limits)
         infer_inputs_only_from_request(self.limits)
         weights_from_training_only()
-        secure_server(app_dir, conf, host, roots=[self.model.bundle_path])  # rebuilds the stack, keeping the body limit
+        roots = [self.model.bundle_path] + ([self.model2d.bundle_path] if self.model2d else [])
+        secure_server(app_dir, conf, host, roots=roots)  # rebuilds the stack, keeping the body limit
 
     def _load_sessions(self, load=False):
         if not load:
@@ -77,16 +88,20 @@ class MedURWKVApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             label_values=self.model.channel_def,
+            label_values_2d=self.model2d.channel_def if self.model2d else None,
             limits=self.limits,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return self.model.infers()
+        return {**self.model.infers(), **(self.model2d.infers() if self.model2d else {})}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         if strtobool(self.conf.get("skip_trainers", "false")):
             return {}
-        return {MODEL: self.model.trainer()}
+        trainers = {MODEL: self.model.trainer()}
+        if self.model2d is not None:
+            trainers[MODEL_2D] = self.model2d.trainer()
+        return trainers
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {**self.model.strategy(), "first": First(), "random": Random()}
@@ -114,11 +129,26 @@ class MedURWKVApp(MONAILabelApp):
             if is_request_volume(image):  # this request's uploaded file or session volume, never a path sent
                 name = request.get("source_name") or os.path.basename(image)
                 check_image_suffix(image, f"the uploaded file '{name}'")
+                path = image
             else:
                 ds = datastore if datastore else self.datastore()
-                if not ds.get_image_uri(image):
+                path = ds.get_image_uri(image)
+                if not path:
                     raise image_not_found(image)
+                name = image
+            self._check_image_kind(model, path, name)
         return super().infer(request, datastore)
+
+    def _check_image_kind(self, model: str, path: str, name: str) -> None:
+        """The 2D model segments PNG/JPEG images only, the 3D models volumes only (415 otherwise)."""
+        two_d = getattr(self._infers[model], "takes_2d_images", False)
+        if two_d and not is_image_2d(path):
+            raise UnsupportedFile(
+                f"Model '{model}' segments 2D PNG/JPEG images; '{name}' is a volume. In 3D Slicer, open the image "
+                f"with Next Sample (from the server's studies) or upload the .png/.jpg file itself."
+            )
+        if not two_d and is_image_2d(path):
+            raise UnsupportedFile(f"Model '{model}' segments volumes; '{name}' is a 2D image: use model '{MODEL_2D}'.")
 
     def next_sample(self, request):
         """Strategy options are checked like every other (``lib/options.py``); the answer holds no server path."""
@@ -130,7 +160,9 @@ class MedURWKVApp(MONAILabelApp):
         allowed = task.options() if hasattr(task, "options") else COMMON
         request = check_options(f"strategy '{strategy}'", request, allowed)
         result = super().next_sample({**request, "strategy": strategy})
-        result.pop("path", None)
+        path = result.pop("path", None)
+        if path and is_image_2d(path):  # the plugin downloads to a file named after "name" (else the id) and
+            result.setdefault("name", os.path.basename(path))  # Slicer picks the PNG/JPEG reader by its extension
         return result
 
     def infer_wsi(self, request, datastore=None):
@@ -190,3 +222,8 @@ class MedURWKVApp(MONAILabelApp):
             task.warm_up()
         else:  # build the network (and load the weights) now, so that the first click does not wait for it
             threading.Thread(target=task.warm_up, name="warm-up", daemon=True).start()
+        if self.model2d is not None:
+            task2d = self._infers[MODEL_2D]
+            if not self.model2d.weights()["available"]:
+                logger.warning(f"NO TRAINED WEIGHTS for '{MODEL_2D}': {self.model2d.path} does not exist (HTTP 409).")
+            threading.Thread(target=task2d.warm_up, name="warm-up-2d", daemon=True).start()

@@ -31,6 +31,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from medurwkv.files import atomic_copy, atomic_write_bytes
 
 from .errors import BadInput, Conflict, Forbidden, NotFound, image_not_found
+from .image2d import is_image_2d
 from .imageio import Limits, check_label_fits_image, check_volume_file, read_geometry, read_label_values, same_volume
 from .uploads import safe_name
 
@@ -45,6 +46,8 @@ class CheckedLocalDatastore(LocalDatastore):
     Args:
         label_values: the class indices a label may contain (``{0: background, 1: brain}`` -> ``{0, 1}``);
             ``None`` skips the value check.
+        label_values_2d: the same for labels of 2D (PNG/JPEG) images, the 2D model's classes (default:
+            ``label_values``).
         limits: size limits of uploaded volumes and labels (default: :class:`~lib.imageio.Limits`).
         other args: as ``LocalDatastore``.
     """
@@ -54,9 +57,11 @@ class CheckedLocalDatastore(LocalDatastore):
         *args: Any,
         label_values: Optional[Dict[int, str]] = None,
         limits: Optional[Limits] = None,
+        label_values_2d: Optional[Dict[int, str]] = None,
         **kwargs: Any,
     ):
         self.label_values = label_values
+        self.label_values_2d = label_values_2d if label_values_2d is not None else label_values
         self.limits = limits or Limits()
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)  # auto-reload: the index now arrives by rename, not in place
@@ -203,15 +208,16 @@ class CheckedLocalDatastore(LocalDatastore):
             check_label_fits_image(label, image, image_id)
 
         values = read_label_values(label_filename, desc)
-        if self.label_values is not None:
+        label_values = self.label_values_2d if is_image_2d(image_uri) else self.label_values
+        if label_values is not None:
             if not np.all(np.mod(values, 1) == 0):
                 raise BadInput(
                     f"The label for image '{image_id}' holds non-integer values: a label map holds class indices."
                 )
-            allowed = set(int(k) for k in self.label_values)
+            allowed = set(int(k) for k in label_values)
             extra = sorted(set(int(v) for v in values) - allowed)
             if extra:
-                classes = ", ".join(f"{k}: {v}" for k, v in sorted(self.label_values.items()))
+                classes = ", ".join(f"{k}: {v}" for k, v in sorted(label_values.items()))
                 raise BadInput(
                     f"The label for image '{image_id}' holds values {extra} that are not classes of the model "
                     f"({classes})."

@@ -21,7 +21,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import BadInput, TooLarge, UnsupportedFile
-from .studies import VOLUME_SUFFIXES as IMAGE_SUFFIXES
+from .studies import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
+
+IMAGE_SUFFIXES = VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES  # 2D images: lib/image2d.py
 
 
 @dataclass
@@ -57,7 +59,7 @@ def check_image_suffix(path: str, desc: Optional[str] = None) -> None:
         return
     if file_suffix(path) not in IMAGE_SUFFIXES:
         raise UnsupportedFile(
-            f"{_sentence(_describe(path, desc))} is not a supported volume file: expected one of "
+            f"{_sentence(_describe(path, desc))} is not a supported volume or image file: expected one of "
             f"{', '.join(IMAGE_SUFFIXES)} (a DICOM series can be sent as a folder session)."
         )
 
@@ -85,6 +87,10 @@ def _ras_affine(itk_image: Any) -> np.ndarray:
 def read_geometry(path: str, desc: Optional[str] = None) -> Geometry:
     """Shape and affine from the file header; ``BadInput`` when the file is not a readable image."""
     check_image_suffix(path, desc)
+    if file_suffix(path) in IMAGE_2D_SUFFIXES:  # the one-slice volume 3D Slicer makes of it
+        from .image2d import slicer_geometry
+
+        return slicer_geometry(path, desc)
     try:
         if file_suffix(path) in (".nii", ".nii.gz"):
             import nibabel as nib
@@ -292,6 +298,10 @@ def check_volume_file(path: str, limits: Limits, desc: Optional[str] = None) -> 
             )
         raise UnsupportedFile(f"{_sentence(what)} is a multi-frame DICOM file: send the volume as .nii.gz/.nrrd.")
     suffix = file_suffix(path)
+    if suffix in IMAGE_2D_SUFFIXES:  # PNG/JPEG: header sizes, then one bounded decode
+        from .image2d import check_image_2d_file
+
+        return check_image_2d_file(path, limits, desc)
     if suffix in DETACHED_SUFFIXES:
         raise UnsupportedFile(
             f"{_sentence(what)} is a header that names a separate data file ({suffix}): send a single-file "

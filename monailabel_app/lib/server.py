@@ -727,7 +727,7 @@ def limit_request_body(limits) -> bool:
     return True
 
 
-_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".seg.nrrd", ".zip", ".tar.gz", ".tgz", ".tar")
+_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".seg.nrrd", ".zip", ".tar.gz", ".tgz", ".tar", ".png", ".jpg", ".jpeg")  # 2D: lib/image2d.py
 
 
 class _Received:

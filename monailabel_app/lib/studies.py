@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 
 # the volume file formats MONAI Label reads (lower case); lib/imageio.py checks uploads against the same list
 VOLUME_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# 2D images, served by the 2D model (lib/configs/medurwkv2d.py; checked by lib/image2d.py)
+IMAGE_2D_SUFFIXES: Tuple[str, ...] = (".png", ".jpg", ".jpeg")
+STUDY_SUFFIXES: Tuple[str, ...] = VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES
 
 
 def _has_volumes(folder: str) -> bool:
-    return any(f.lower().endswith(VOLUME_SUFFIXES) for f in os.listdir(folder))
+    return any(f.lower().endswith(STUDY_SUFFIXES) for f in os.listdir(folder))
 
 
 def _images(datalist: dict) -> Iterable[str]:
@@ -49,7 +52,7 @@ def resolve_studies(studies: str, app_dir: str) -> str:
     sources: List[str] = []
     for image in _images(datalist):
         path = os.path.realpath(os.path.join(studies, image))
-        if path.lower().endswith(VOLUME_SUFFIXES) and os.path.isfile(path) and path not in sources:
+        if path.lower().endswith(STUDY_SUFFIXES) and os.path.isfile(path) and path not in sources:
             sources.append(path)
     if not sources:
         return studies

@@ -50,6 +50,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import device_list, strtobool
 
 from ..errors import AppError, BadInput
+from ..image2d import is_image_2d
 from ..infers.medurwkv import _root_message
 from ..options import COMMON, Opt, check_options, devices
 from .lock import TrainingLock
@@ -205,11 +206,15 @@ class MedURWKVTrain(BundleTrainTask):
         except (FileNotFoundError, ValueError):
             return {}
 
+    takes_2d_images = False  # the images this bundle trains on: volumes here, PNG/JPEG in lib/trainers/medurwkv2d.py
+
     def _fetch_datalist(self, request, datastore: Datastore):
         datalist = super()._fetch_datalist(request, datastore)
+        datalist = [d for d in datalist if is_image_2d(d["image"]) == self.takes_2d_images]  # studies may mix both
         if not datalist:
+            kind = "2D image" if self.takes_2d_images else "volume"
             raise BadInput(
-                "No volume has a final label yet: submit at least one corrected label (Submit Label) before training."
+                f"No {kind} has a final label yet: submit at least one corrected label (Submit Label) before training."
             )
         return datalist
 
