@@ -81,7 +81,7 @@ class MedURWKVApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return self.model.infers()
+        return self.model.infer()
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         if strtobool(self.conf.get("skip_trainers", "false")):
@@ -177,7 +177,6 @@ class MedURWKVApp(MONAILabelApp):
         super().on_init_complete()
         if isinstance(self._datastore, CheckedLocalDatastore):
             self._datastore.remove_stale_temp_files()  # of label/index writes a kill -9 interrupted
-        task = self._infers[MODEL]
         weights = self.model.weights()
         if not weights["available"]:
             logger.warning(
@@ -187,6 +186,6 @@ class MedURWKVApp(MONAILabelApp):
         else:
             logger.info(f"Weights: {self.model.path} (modified {weights['modified']})")
         if strtobool(self.conf.get("preload", "false")):
-            task.warm_up()
+            self.model.runtime.warm_up()
         else:  # build the network (and load the weights) now, so that the first click does not wait for it
-            threading.Thread(target=task.warm_up, name="warm-up", daemon=True).start()
+            threading.Thread(target=self.model.runtime.warm_up, name="warm-up", daemon=True).start()

@@ -56,8 +56,9 @@ from monai.transforms import AsDiscreted, MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.scribbles.transforms import ApplyGraphCutOptimisationd, MakeISegUnaryd
 
-from ..errors import BadInput
-from .medurwkv import MedURWKVInfer, _root_message
+from ..errors import BadInput, root_message
+from ..runtime import ModelRuntime
+from .medurwkv import MedURWKVInfer
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class ClickRefined(MapTransform):
         try:
             loaded = LoadVolumed(keys="image")({"image": path})["image"]
         except Exception as e:
-            raise BadInput(f"{what} could not be read: {_root_message(e).replace(path, os.path.basename(path))}") from None
+            raise BadInput(f"{what} could not be read: {root_message(e).replace(path, os.path.basename(path))}") from None
         arr = np.asarray(loaded, dtype=np.float32)
         while arr.ndim > len(shape) and arr.shape[0] == 1:
             arr = arr[0]  # a singleton channel axis
@@ -422,20 +423,14 @@ class MedURWKVClicks(MedURWKVInfer):
     """The bundle's model with click-guided correction (type ``deepgrow``, so 3D Slicer lists it under SmartEdit).
 
     Args:
-        path, conf: as :class:`MedURWKVInfer`; ``conf`` also sets the refinement defaults (``click_radius_mm``,
-            ``click_roi_margin_mm``, ``click_lamda``, ``click_sigma``), which requests may override.
-        share: the automatic task, whose loaded networks, device locks and request limit this task uses too
-            (one copy of the weights in memory, one request budget for both).
+        runtime: the model's runtime, as the automatic task's: the same network, device locks, request budget and
+            probability cache (a click after Auto Segmentation reuses its network output).
+        conf: the app's ``--conf``, for the refinement defaults (``click_radius_mm``, ``click_roi_margin_mm``,
+            ``click_lamda``, ``click_sigma``, ``click_spread_mm``), which requests may override.
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
-        super().__init__(path, conf, name=share.model_name if share is not None else None)
-        if share is not None:
-            self._networks = share._networks
-            self._network_lock = share._network_lock
-            self._device_locks = share._device_locks
-            self._semaphore = share._semaphore
-            self._prob_cache = share._prob_cache  # a click after Auto Segmentation reuses its network output
+    def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
+        super().__init__(runtime)
         self.type = InferType.DEEPGROW
         self.refine_defaults = {
             "click_radius_mm": float(conf.get("click_radius_mm", "3")),
@@ -475,12 +470,12 @@ class MedURWKVClicks(MedURWKVInfer):
 class MedURWKVScribbles(MedURWKVClicks):
     """The bundle's model with scribble-guided correction (type ``scribbles``: 3D Slicer's Scribbles section).
 
-    Same network, cache and request budget as the automatic task (``share``); the strokes steer the refinement of
+    Same runtime (network, cache, request budget) as the automatic task; the strokes steer the refinement of
     :class:`ScribblesRefined` (``roi_margin_mm``, ``click_spread_mm``, ``lamda``, ``sigma`` as for clicks).
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
-        super().__init__(path, conf, share=share)
+    def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
+        super().__init__(runtime, conf)
         self.type = InferType.SCRIBBLES
         self.refine_defaults.pop("click_radius_mm")
         self._config.pop("click_radius_mm", None)
