@@ -7,7 +7,8 @@ One runtime holds:
   (``monai.bundle.ConfigParser``; ConfigParser and ``sys.path`` edits are not thread-safe, so everything parsed from
   it is parsed under :attr:`ModelRuntime.config_lock`);
 * **the bundle's transforms and inferer** as MONAI Label runs them (:meth:`~ModelRuntime.pre_transforms`,
-  :meth:`~ModelRuntime.inferer`, :meth:`~ModelRuntime.post_transforms`, :meth:`~ModelRuntime.preprocess`);
+  :meth:`~ModelRuntime.inferer`, :meth:`~ModelRuntime.post_transforms`, :meth:`~ModelRuntime.preprocess`), and the
+  intensity scaling its preprocessing applies (:meth:`~ModelRuntime.intensity_percentiles`);
 * **the network**: built once from ``network_def``, loaded strictly (tensor-only) from the weights file, one copy
   per device, rebuilt when the file changes on disk (mtime or size; a file caught mid-write is retried once):
   :meth:`~ModelRuntime.network`;
@@ -36,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from monai.bundle import ConfigItem, ConfigParser
 from monai.inferers import Inferer, SimpleInferer
-from monai.transforms import Compose, LoadImaged, SaveImaged
+from monai.transforms import Compose, LoadImaged, SaveImaged, ScaleIntensityRangePercentilesd
 from monailabel.interfaces.utils.transform import run_transforms
 from monailabel.transform.post import Restored
 from monailabel.transform.pre import LoadImageTensord
@@ -50,6 +51,7 @@ from .errors import BadInput, ModelNotReady, WeightsError, root_message
 logger = logging.getLogger(__name__)
 
 INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")  # the first found is the bundle's
+DEFAULT_PERCENTILES = (0.5, 99.5)  # intensity scaling for a bundle whose preprocessing has no percentile scaling
 
 
 def weights_state(path: str) -> Dict[str, Any]:
@@ -235,6 +237,14 @@ class ModelRuntime:
         if sw and hasattr(i, "sw_batch_size"):
             i.sw_batch_size = max(1, int(sw))
         return i
+
+    def intensity_percentiles(self) -> Tuple[float, float]:
+        """The ``lower`` / ``upper`` percentiles of the bundle's ``ScaleIntensityRangePercentilesd`` (the intensity
+        scaling the network sees), read from its parsed inference config; :data:`DEFAULT_PERCENTILES` without one."""
+        for t in self._transforms("preprocessing", None):
+            if isinstance(t, ScaleIntensityRangePercentilesd):
+                return float(t.scaler.lower), float(t.scaler.upper)
+        return DEFAULT_PERCENTILES
 
     def preprocess(self, data: Dict[str, Any], transforms: Optional[Sequence[Callable]] = None) -> Dict[str, Any]:
         """``data`` through ``transforms`` (default: :meth:`pre_transforms`). Loading errors are input errors (422,
