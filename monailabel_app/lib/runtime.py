@@ -27,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ from .errors import BadInput, ModelNotReady, WeightsError, root_message
 logger = logging.getLogger(__name__)
 
 INFERENCE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")  # the first found is the bundle's
+DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?")  # what a request's "device" may set in the parsed config
 DEFAULT_PERCENTILES = (0.5, 99.5)  # intensity scaling for a bundle whose preprocessing has no percentile scaling
 
 
@@ -195,7 +197,7 @@ class ModelRuntime:
             if key not in self.config:
                 return default
             device = (data or {}).get("device")
-            if device and isinstance(device, str):
+            if isinstance(device, str) and DEVICE.fullmatch(device):  # never an expression ("$...") from a request
                 self.config.config["device"] = device
                 if self.config.ref_resolver.items.get("device"):
                     self.config.ref_resolver.items["device"] = ConfigItem(config=device, id="device")
