@@ -167,20 +167,32 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.key_metric_filename = kwargs.get("key_metric_filename")
         self.incumbent_score: Optional[float] = None
         self._engine: Optional[Engine] = None
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is None:
-                continue
+        # MONAI's CheckpointSaver builds its ignite Checkpoints in __init__ with an in-place DiskSaver, takes no other
+        # writer and has no public accessor: its three private attributes are read here, once, and nowhere else
+        self.final_checkpoint: Optional[Checkpoint] = self._final_checkpoint  # private: to swap in the atomic writer
+        self.key_metric_checkpoint: Optional[Checkpoint] = self._key_metric_checkpoint  # private: same; best score
+        self.interval_checkpoint: Optional[Checkpoint] = self._interval_checkpoint  # private: same; interval_filename
+        for ckpt in self.checkpoints():
             old = ckpt.save_handler
             filename = getattr(old, "filename", None)
-            if ckpt is self._interval_checkpoint and interval_filename:
+            if ckpt is self.interval_checkpoint and interval_filename:
                 filename = interval_filename
             ckpt.save_handler = _AtomicDiskSaver(dirname=str(old.dirname), filename=filename)
 
+    def checkpoints(self) -> list:
+        """The ignite ``Checkpoint`` objects this saver writes with (final, key metric, interval; those enabled)."""
+        return [c for c in (self.final_checkpoint, self.key_metric_checkpoint, self.interval_checkpoint) if c is not None]
+
+    def _take_as_best(self, score: float, filename: str) -> None:
+        """``score`` is the one to beat: ignite's public ``Checkpoint.load_state_dict`` sets its list of saved items
+        (``"_saved"`` is the key of ignite's documented state format, not an attribute)."""
+        self.key_metric_checkpoint.load_state_dict({"_saved": [(score, filename)]})
+
     def metrics_completed(self, engine: Engine) -> None:
-        ckpt = self._key_metric_checkpoint
+        ckpt = self.key_metric_checkpoint
         if self.keep_incumbent and ckpt is not None and engine.state.epoch <= 0:  # validation before training
             self.incumbent_score = float(ckpt.score_function(engine))
-            ckpt._saved = [Checkpoint.Item(self.incumbent_score, "<weights the run started from>")]
+            self._take_as_best(self.incumbent_score, "<weights the run started from>")
             logger.info(
                 f"Validation before training: key metric {self.incumbent_score:.4f} for the starting weights; "
                 f"{self.key_metric_filename} is replaced only by a model that scores higher"
@@ -190,8 +202,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def state_dict(self) -> dict:
         """The best key-metric score behind ``key_metric_filename`` so far (``None`` before any), as plain values."""
-        ckpt = self._key_metric_checkpoint
-        best = max((float(item.priority) for item in ckpt._saved), default=None) if ckpt is not None else None
+        ckpt = self.key_metric_checkpoint
+        saved = ckpt.state_dict()["_saved"] if ckpt is not None else []  # ignite's public state: [(score, file)]
+        best = max((float(score) for score, _ in saved), default=None)
         state = getattr(self._engine, "state", None)
         best_metric = getattr(state, "best_metric", None)
         return {
@@ -204,7 +217,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _file_stamp(self) -> Optional[list]:
         """(mtime_ns, size) of ``key_metric_filename``: whether the file is still the one the score belongs to."""
-        ckpt = self._key_metric_checkpoint
+        ckpt = self.key_metric_checkpoint
         if ckpt is None or not self.key_metric_filename:
             return None
         stamp = file_stamp(os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename)))
@@ -217,7 +230,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if "_saved" in state:  # MONAI's own format (``key_metric_save_state``, ignite's ``Checkpoint.state_dict``)
             super().load_state_dict(state)
             return
-        ckpt, score = self._key_metric_checkpoint, state.get("score")
+        ckpt, score = self.key_metric_checkpoint, state.get("score")
         if ckpt is None or score is None:
             return
         path = os.path.join(str(ckpt.save_handler.dirname), str(self.key_metric_filename))
@@ -230,7 +243,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             logger.warning(f"Saved best score {score:.4f} ignored: {path} is gone or is not the model it belongs to")
             return
         self.incumbent_score = float(score)
-        ckpt._saved = [Checkpoint.Item(self.incumbent_score, str(self.key_metric_filename))]
+        self._take_as_best(self.incumbent_score, str(self.key_metric_filename))
         if self._engine is not None and state.get("best_metric") is not None:
             self._engine.state.best_metric = state["best_metric"]
             self._engine.state.best_metric_epoch = int(state.get("best_metric_epoch", -1))
@@ -239,9 +252,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def attach(self, engine: Engine) -> None:
         self._engine = engine
         if self.engine_key is not None:
-            for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-                if ckpt is not None:
-                    ckpt.to_save[self.engine_key] = engine
+            for ckpt in self.checkpoints():
+                ckpt.to_save[self.engine_key] = engine
         super().attach(engine)
 
 

@@ -93,7 +93,7 @@ class MedURWKVApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {**self.model.infers(), **(self.model2d.infers() if self.model2d else {})}
+        return {**self.model.infer(), **(self.model2d.infer() if self.model2d else {})}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         if strtobool(self.conf.get("skip_trainers", "false")):
@@ -209,7 +209,6 @@ class MedURWKVApp(MONAILabelApp):
         super().on_init_complete()
         if isinstance(self._datastore, CheckedLocalDatastore):
             self._datastore.remove_stale_temp_files()  # of label/index writes a kill -9 interrupted
-        task = self._infers[MODEL]
         weights = self.model.weights()
         if not weights["available"]:
             logger.warning(
@@ -219,11 +218,10 @@ class MedURWKVApp(MONAILabelApp):
         else:
             logger.info(f"Weights: {self.model.path} (modified {weights['modified']})")
         if strtobool(self.conf.get("preload", "false")):
-            task.warm_up()
+            self.model.runtime.warm_up()
         else:  # build the network (and load the weights) now, so that the first click does not wait for it
-            threading.Thread(target=task.warm_up, name="warm-up", daemon=True).start()
+            threading.Thread(target=self.model.runtime.warm_up, name="warm-up", daemon=True).start()
         if self.model2d is not None:
-            task2d = self._infers[MODEL_2D]
             if not self.model2d.weights()["available"]:
                 logger.warning(f"NO TRAINED WEIGHTS for '{MODEL_2D}': {self.model2d.path} does not exist (HTTP 409).")
-            threading.Thread(target=task2d.warm_up, name="warm-up-2d", daemon=True).start()
+            threading.Thread(target=self.model2d.runtime.warm_up, name="warm-up-2d", daemon=True).start()

@@ -317,3 +317,37 @@ def test_loop_script_strokes_paint_inside_the_error_they_point_at():
     kind, stroke = next_stroke(pred, truth)
     assert kind == "background" and stroke.sum() == 3 and (pred & ~truth)[stroke].all()
     assert next_stroke(truth, truth) is None
+
+
+def test_the_cut_scales_the_image_as_the_bundles_preprocessing_does(tmp_path):
+    """The graph cut sees the image scaled to 0..1 between the percentiles of the bundle's own
+    ScaleIntensityRangePercentilesd: change them in the bundle's inference.json and the click and scribble tasks
+    follow (read from the parsed config, nothing from the request)."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
+    path = bundle / "configs" / "inference.json"
+    cfg = json.loads(path.read_text())
+    scale = next(t for t in cfg["preprocessing"]["transforms"] if t["_target_"] == "ScaleIntensityRangePercentilesd")
+    assert (scale["lower"], scale["upper"]) == (0.5, 99.5)  # the shipped bundle
+    scale["lower"], scale["upper"] = 5.0, 90.0
+    path.write_text(json.dumps(cfg))
+    sys.path.insert(0, str(ROOT / "monailabel_app"))
+    try:
+        from lib.infers.clicks import ClickRefined, MedURWKVClicks, MedURWKVScribbles
+        from lib.runtime import ModelRuntime
+    finally:
+        sys.path.remove(str(ROOT / "monailabel_app"))
+    runtime = ModelRuntime(str(bundle), {})
+    refiners = [MedURWKVClicks(runtime, {}).refiner(), MedURWKVScribbles(runtime, {}).refiner()]
+    assert [r.percentiles for r in refiners] == [(5.0, 90.0)] * 2
+
+    shape = nib.load(IMAGE).shape
+    arr = ClickRefined()._load(str(IMAGE), shape, "the image")
+    lo, hi = np.percentile(arr, [5.0, 90.0])
+    scaled = refiners[0]._image({"image_path": str(IMAGE)}, shape)
+    np.testing.assert_allclose(scaled, np.clip((arr - lo) / (hi - lo), 0.0, 1.0), atol=1e-6)
+    shipped = ClickRefined()._image({"image_path": str(IMAGE)}, shape)  # 0.5 / 99.5
+    assert (scaled == 1.0).mean() > 0.05 and (shipped == 1.0).mean() < 0.01  # the top 10 %, not 0.5 %, saturate

@@ -29,6 +29,7 @@ import pytest
 from label_server import (
     APP,
     MODEL,
+    ROOT,
     SAMPLE,
     VOLUMES,
     http,
@@ -130,7 +131,7 @@ def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_p
 
     sys.path.insert(0, str(APP))
     try:
-        from lib.infers.medurwkv import ProbabilityCache
+        from lib.runtime import ProbabilityCache
     finally:
         sys.path.remove(str(APP))
     f = tmp_path / "t1.nii.gz"
@@ -160,6 +161,59 @@ def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_p
     off = ProbabilityCache(max_entries=0)
     off.put(("a",), entry(1))
     assert off.get(("a",)) is None
+
+
+def test_tasks_share_one_runtime_that_reloads_changed_weights(tmp_path):
+    """The infer, click and scribble tasks of the model run on its one runtime: one network in memory, reloaded
+    when the weights file changes; the MC-dropout scorer has its own network (dropout on) under the same request
+    budget and device locks."""
+    import shutil
+
+    import torch
+
+    from medurwkv.checkpoint import save_weights
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.configs.medurwkv import MedURWKVConfig
+    finally:
+        sys.path.remove(str(APP))
+    config = MedURWKVConfig()
+    config.init(MODEL, str(tmp_path / "app" / "model"), {"bundle": str(bundle)})
+    runtime = config.runtime
+    tasks = config.infer()
+    assert set(tasks) == {MODEL, f"{MODEL}_clicks", f"{MODEL}_scribbles"}
+    assert all(t.runtime is runtime for t in tasks.values())
+    with pytest.raises(Exception) as e:  # no weights yet: 409 with what to do
+        runtime.network("cpu")
+    assert getattr(e.value, "status_code", None) == 409
+
+    net = runtime.parsed("network_def")
+
+    def random_state():
+        return {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+
+    weights = bundle / "models" / "model.pt"
+    weights.parent.mkdir()
+    save_weights(random_state(), weights)
+    first = runtime.network("cpu")
+    assert runtime.network("cpu") is first and not first.training  # cached, eval mode
+    assert runtime.loaded_stamp("cpu")[0] == weights.stat().st_mtime_ns
+
+    scoring = config.scoring_method()["mc_dropout"].runtime
+    assert scoring.requests is runtime.requests and scoring.device_lock("cpu") is runtime.device_lock("cpu")
+    mc = scoring.network("cpu")
+    assert mc is not first and any(m.training for m in mc.modules() if isinstance(m, torch.nn.Dropout))
+
+    new_state = random_state()
+    save_weights(new_state, weights)  # as a training publishes it (temporary file + rename)
+    os.utime(weights, ns=(runtime.loaded_stamp("cpu")[0] + 10**9,) * 2)
+    second = runtime.network("cpu")
+    assert second is not first
+    name = next(k for k, v in new_state.items() if v.is_floating_point() and v.numel() > 1)
+    assert torch.equal(second.state_dict()[name], new_state[name])
 
 
 # ------------------------------------------------------------------------------------- server

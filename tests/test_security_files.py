@@ -35,7 +35,7 @@ try:
     from lib.errors import BadInput, Conflict, Forbidden, TooLarge, UnsupportedFile
     from lib.imageio import Limits, check_volume_file, read_label_values, same_volume
     from lib.server import BodyLimit, PathScrubber, infer_inputs_only_from_request, one_training_at_a_time, safe_upload_endpoints
-    from lib.server import weights_from_training_only
+    from lib.server import bind_loopback_by_default, weights_from_training_only
     from lib.uploads import check_session_input, extract_archive, safe_name
 finally:
     sys.path.remove(str(APP))
@@ -640,6 +640,30 @@ def test_body_limit_answers_413_without_reading_the_rest():
     status, left = run([], [b"x" * 600, b"x" * 600, b"x" * 600, b"x" * 600])  # chunked, no length
     assert status == 413 and left == 2  # stopped at the chunk that went over
     assert run([], [b"x" * 500, b"x" * 400]) == (200, 0)
+
+
+def test_without_host_uvicorn_binds_loopback_and_an_explicit_host_is_kept(monkeypatch):
+    """monailabel's start_server hands its default host 0.0.0.0 to uvicorn before the app exists; without --host on
+    the command line the app makes uvicorn's configuration give 127.0.0.1 when the socket is opened (after the
+    app's startup). An explicit --host is what uvicorn binds."""
+    import uvicorn
+
+    def config(host):
+        return uvicorn.Config("monailabel.app:app", host=host, log_config=None)
+
+    made = config("0.0.0.0")  # as monailabel.main makes it, before the app is created
+    monkeypatch.setattr(sys, "argv", ["monailabel.main", "start_server", "--app", "app", "--studies", "studies"])
+    try:
+        assert bind_loopback_by_default() == "127.0.0.1"
+        assert made.host == "127.0.0.1" and config("::").host == "127.0.0.1"
+        assert config("10.1.2.3").host == "10.1.2.3"  # only the all-interfaces default is changed
+        assert bind_loopback_by_default() == "127.0.0.1"  # a second app in the process: the same
+    finally:
+        if "host" in vars(uvicorn.Config):
+            delattr(uvicorn.Config, "host")
+    monkeypatch.setattr(sys, "argv", ["monailabel.main", "start_server", "--host", "0.0.0.0"])
+    assert bind_loopback_by_default() == "0.0.0.0"
+    assert config("0.0.0.0").host == "0.0.0.0" and "host" not in vars(uvicorn.Config)
 
 
 # ============================================================================================ real server

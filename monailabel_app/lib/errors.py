@@ -9,6 +9,14 @@ is ``"<status>: <message>"``.
 from fastapi import HTTPException
 
 
+def root_message(e: BaseException, limit: int = 400) -> str:
+    """The innermost error of a chain (MONAI wraps transform errors several times), as ``Type: message``."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    msg = f"{type(e).__name__}: {e}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
 class AppError(HTTPException):
     status = 500
 

@@ -9,8 +9,7 @@ monailabel 0.8.5 has behaviours this app cannot accept and no setting to change:
    which FastAPI runs in its worker-thread pool; the infer task bounds how many run at once. It also turns
    requests that cannot work into 4xx answers (no image, file or session given; unknown or expired session).
 2. ``start_server`` listens on ``0.0.0.0`` unless ``--host`` is given. :func:`bind_loopback_by_default`
-   switches uvicorn's configuration to ``127.0.0.1`` when no ``--host``/``-i`` was given on the command line
-   (uvicorn opens its sockets only after the app has started, so this is in time). An explicit
+   makes uvicorn bind ``127.0.0.1`` when no ``--host``/``-i`` was given on the command line. An explicit
    ``--host 0.0.0.0`` is respected, with a warning.
 
 3. ``POST /train/{model}`` refuses a second training (429) only once the first one's process is registered,
@@ -37,7 +36,6 @@ rebuilds is missing, and :func:`make_infer_non_blocking` warns when the route it
 """
 
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -80,6 +78,18 @@ def _host_from_argv(argv) -> Optional[str]:
     return None
 
 
+def _host(config) -> Optional[str]:
+    value = vars(config).get("host")
+    return LOOPBACK if value in ("0.0.0.0", "::") else value
+
+
+def _set_host(config, value) -> None:
+    vars(config)["host"] = value
+
+
+_LOOPBACK_HOST = property(_host, _set_host, doc="uvicorn's bind address, monailabel's default 0.0.0.0 read as 127.0.0.1")
+
+
 def bind_loopback_by_default() -> Optional[str]:
     """Make uvicorn bind 127.0.0.1 unless the command line chose a host. Returns the host that will be bound."""
     if "start_server" not in sys.argv or "uvicorn" not in sys.modules:
@@ -101,18 +111,21 @@ def bind_loopback_by_default() -> Optional[str]:
         return None
     import uvicorn
 
-    configs = [o for o in gc.get_objects() if isinstance(o, uvicorn.Config)]
-    for c in configs:
-        if c.host in ("0.0.0.0", "::"):
-            c.host = LOOPBACK
-    if configs:
-        logger.warning(
-            f"No --host given: listening on {LOOPBACK} only (monailabel's default is 0.0.0.0). "
-            f"Pass --host 0.0.0.0 explicitly to accept connections from other machines."
-        )
-        return LOOPBACK
-    logger.warning("Could not find the uvicorn configuration: pass --host 127.0.0.1 explicitly")
-    return None
+    # monailabel.main calls uvicorn.run(host=args.host) before this app exists (the app is created in the server's
+    # lifespan), so wrapping uvicorn.run or Config.__init__ from here is too late. uvicorn reads Config.host when it
+    # opens its sockets, after the lifespan's startup: a ``host`` property on the class, which takes precedence over
+    # the value Config.__init__ stored on the instance, answers 127.0.0.1 for monailabel's default 0.0.0.0.
+    check_versions("binding 127.0.0.1 by default")
+    current = vars(uvicorn.Config).get("host")
+    if current is not None and current is not _LOOPBACK_HOST:  # uvicorn's own class-level host: not to be shadowed
+        logger.warning(f"uvicorn {uvicorn.__version__} is not patched for the default host: pass --host 127.0.0.1")
+        return None
+    uvicorn.Config.host = _LOOPBACK_HOST
+    logger.warning(
+        f"No --host given: listening on {LOOPBACK} only (monailabel's default is 0.0.0.0). "
+        f"Pass --host 0.0.0.0 explicitly to accept connections from other machines."
+    )
+    return LOOPBACK
 
 
 def _replace_route(router, old_endpoint, new_endpoint) -> int:

@@ -16,10 +16,9 @@ true) with ``click_radius_mm``,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
@@ -27,7 +26,7 @@ from monailabel.utils.others.generic import strtobool
 from ..activelearning import MostUncertain
 from ..infers import MedURWKVClicks, MedURWKVInfer, MedURWKVScribbles
 from ..infers.edit import MedURWKVEdit, edit_available
-from ..infers.medurwkv import bundle_labels, weights_state
+from ..runtime import ModelRuntime
 from ..scoring import MCDropoutScoring
 from ..trainers import MedURWKVTrain
 
@@ -62,30 +61,23 @@ class MedURWKVConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         app_dir = os.path.dirname(model_dir)
         self.bundle_path = find_bundle(app_dir, conf)
-        with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
-            metadata = json.load(f)
-        self.channel_def, self.labels = bundle_labels(os.path.join(self.bundle_path, "configs", "metadata.json"))
-        self.path = os.path.join(self.bundle_path, "models", "model.pt")
-        self.metadata = metadata
-        self._infer: Optional[MedURWKVInfer] = None
+        # the one runtime of this model (bundle, network, locks, caches): every task below is built on it
+        self.runtime = ModelRuntime(self.bundle_path, conf, name=name)
+        self.channel_def, self.labels = self.runtime.channel_def, self.runtime.labels
+        self.path = self.runtime.weights_path
 
     def weights(self) -> Dict:
-        return weights_state(self.path)
+        return self.runtime.weights()
 
-    def infer(self) -> MedURWKVInfer:
-        if self._infer is None:
-            self._infer = MedURWKVInfer(self.bundle_path, self.conf, name=self.name)
-        return self._infer
-
-    def infers(self) -> Dict[str, MedURWKVInfer]:
+    def infer(self) -> Dict[str, MedURWKVInfer]:
         """The automatic model, and (unless ``--conf clicks false``) its click- and scribble-guided corrections
-        ``<name>_clicks`` and ``<name>_scribbles``."""
-        tasks = {self.name: self.infer()}
+        ``<name>_clicks`` and ``<name>_scribbles``, all on the model's one runtime."""
+        tasks = {self.name: MedURWKVInfer(self.runtime)}
         if strtobool(self.conf.get("clicks", "true")):
-            tasks[f"{self.name}_clicks"] = MedURWKVClicks(self.bundle_path, self.conf, share=self.infer())
-            tasks[f"{self.name}_scribbles"] = MedURWKVScribbles(self.bundle_path, self.conf, share=self.infer())
+            tasks[f"{self.name}_clicks"] = MedURWKVClicks(self.runtime, self.conf)
+            tasks[f"{self.name}_scribbles"] = MedURWKVScribbles(self.runtime, self.conf)
         if strtobool(self.conf.get("edit", "false")) or edit_available(self.bundle_path):  # lib/infers/edit.py
-            tasks[f"{self.name}_edit"] = MedURWKVEdit(self.bundle_path, self.conf, share=self.infer())
+            tasks[f"{self.name}_edit"] = MedURWKVEdit(self.runtime, self.conf)
         return tasks
 
     def trainer(self) -> MedURWKVTrain:
@@ -93,9 +85,9 @@ class MedURWKVConfig(TaskConfig):
 
     def scoring_method(self) -> Dict[str, MCDropoutScoring]:
         p = float(self.conf.get("mc_dropout", "0.2"))
-        task = MedURWKVInfer(self.bundle_path, self.conf, dropout=p, mc_dropout=True)
+        runtime = self.runtime.variant(dropout=p, mc_dropout=True, prob_cache=0)
         method = MCDropoutScoring(
-            task, passes=int(self.conf.get("mc_passes", "8")), max_slices=int(self.conf.get("mc_slices", "16"))
+            runtime, passes=int(self.conf.get("mc_passes", "8")), max_slices=int(self.conf.get("mc_slices", "16"))
         )
         return {"mc_dropout": method}
 

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 
 from monailabel.interfaces.config import TaskConfig
 
-from ..infers.medurwkv import bundle_labels, weights_state
 from ..infers.medurwkv2d import MedURWKV2dInfer
+from ..runtime import ModelRuntime
 from ..trainers.medurwkv2d import MedURWKV2dTrain
 
 
@@ -53,20 +53,18 @@ class MedURWKV2dConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner=None, bundle_path: str = "", **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.bundle_path = bundle_path
-        self.channel_def, self.labels = bundle_labels(os.path.join(bundle_path, "configs", "metadata.json"))
-        self.path = os.path.join(bundle_path, "models", "model.pt")
-        self._infer: Optional[MedURWKV2dInfer] = None
+        # the model's one runtime (bundle, network, locks, caches: lib/runtime.py); the bundle's own test datalist
+        # (read from its dataset_dir) is not resolved: serving needs no dataset next to the bundle
+        self.runtime = ModelRuntime(bundle_path, conf, name=name)
+        self.runtime.config["datalist"] = []
+        self.channel_def, self.labels = self.runtime.channel_def, self.runtime.labels
+        self.path = self.runtime.weights_path
 
     def weights(self) -> Dict:
-        return weights_state(self.path)
+        return self.runtime.weights()
 
-    def infer(self) -> MedURWKV2dInfer:
-        if self._infer is None:
-            self._infer = MedURWKV2dInfer(self.bundle_path, self.conf, name=self.name)
-        return self._infer
-
-    def infers(self) -> Dict[str, MedURWKV2dInfer]:
-        return {self.name: self.infer()}
+    def infer(self) -> Dict[str, MedURWKV2dInfer]:
+        return {self.name: MedURWKV2dInfer(self.runtime)}
 
     def trainer(self) -> MedURWKV2dTrain:
         return MedURWKV2dTrain(self.bundle_path, self.conf, name=self.name)

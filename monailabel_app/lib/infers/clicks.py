@@ -12,7 +12,8 @@ image-specific fine tuning", BIFSeg / ISeg, Eq. 5 and 7), as MONAI Label impleme
 3. ``monailabel.scribbles.transforms.MakeISegUnaryd`` turns probabilities + scribbles into the ISeg unary term
    (clicked voxels are certain, the rest keeps the probability), and ``ApplyGraphCutOptimisationd``
    (numpymaxflow's graph cut, smoothing weight ``lamda``, intensity scale ``sigma`` on the image scaled to
-   0..1 by its 0.5/99.5 percentiles) finds the labeling that follows the image's edges;
+   0..1 by the percentiles of the bundle's own ``ScaleIntensityRangePercentilesd``, 0.5/99.5) finds the
+   labeling that follows the image's edges;
 4. only voxels within ``roi_margin_mm`` of a click may change (elsewhere the automatic label is a constraint of
    the cut), so a click never undoes correct work far from it. Without clicks the answer *is* the automatic
    segmentation.
@@ -56,8 +57,9 @@ from monai.transforms import AsDiscreted, MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.scribbles.transforms import ApplyGraphCutOptimisationd, MakeISegUnaryd
 
-from ..errors import BadInput
-from .medurwkv import MedURWKVInfer, _root_message
+from ..errors import BadInput, root_message
+from ..runtime import DEFAULT_PERCENTILES, ModelRuntime
+from .medurwkv import MedURWKVInfer
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +213,8 @@ class ClickRefined(MapTransform):
 
     The segmentation corrected is the one uploaded with the request as ``label_key`` (see the module docstring),
     else the network's; ``target`` is the segment's name when the request names none; ``upload_dirs``: where
-    uploaded files may be (:func:`uploaded_file`).
+    uploaded files may be (:func:`uploaded_file`); ``percentiles``: the image is scaled to 0..1 between these
+    intensity percentiles for the cut (the bundle's: :meth:`lib.runtime.ModelRuntime.intensity_percentiles`).
     """
 
     needs_probabilities = True  # MedURWKVInfer caches the network's output up to this step
@@ -228,9 +231,11 @@ class ClickRefined(MapTransform):
         label_key: str = "label",
         target: str = "",
         upload_dirs: Optional[Sequence[str]] = None,
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     ):
         super().__init__(keys)
         self.image_path_key = image_path_key
+        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
         self.defaults = {"click_radius_mm": click_radius_mm, "roi_margin_mm": roi_margin_mm, "lamda": lamda,
                          "sigma": sigma, "click_spread_mm": click_spread_mm}
         self.label_key, self.target, self.upload_dirs = label_key, target, upload_dirs
@@ -254,7 +259,7 @@ class ClickRefined(MapTransform):
         try:
             loaded = LoadVolumed(keys="image")({"image": path})["image"]
         except Exception as e:
-            raise BadInput(f"{what} could not be read: {_root_message(e).replace(path, os.path.basename(path))}") from None
+            raise BadInput(f"{what} could not be read: {root_message(e).replace(path, os.path.basename(path))}") from None
         arr = np.asarray(loaded, dtype=np.float32)
         while arr.ndim > len(shape) and arr.shape[0] == 1:
             arr = arr[0]  # a singleton channel axis
@@ -270,9 +275,9 @@ class ClickRefined(MapTransform):
         return arr
 
     def _image(self, d, shape: Sequence[int]) -> np.ndarray:
-        """The input image on its own grid, scaled to 0..1 by its 0.5 / 99.5 percentiles (the graph's edges)."""
+        """The input image on its own grid, scaled to 0..1 by its ``percentiles`` (the graph's edges)."""
         arr = self._load(d[self.image_path_key], shape, "the image")
-        lo, hi = np.percentile(arr, [0.5, 99.5])
+        lo, hi = np.percentile(arr, list(self.percentiles))
         return np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
 
     def _sent(self, d, prob) -> Tuple[Optional[np.ndarray], Dict[str, int], bool]:
@@ -422,20 +427,14 @@ class MedURWKVClicks(MedURWKVInfer):
     """The bundle's model with click-guided correction (type ``deepgrow``, so 3D Slicer lists it under SmartEdit).
 
     Args:
-        path, conf: as :class:`MedURWKVInfer`; ``conf`` also sets the refinement defaults (``click_radius_mm``,
-            ``click_roi_margin_mm``, ``click_lamda``, ``click_sigma``), which requests may override.
-        share: the automatic task, whose loaded networks, device locks and request limit this task uses too
-            (one copy of the weights in memory, one request budget for both).
+        runtime: the model's runtime, as the automatic task's: the same network, device locks, request budget and
+            probability cache (a click after Auto Segmentation reuses its network output).
+        conf: the app's ``--conf``, for the refinement defaults (``click_radius_mm``, ``click_roi_margin_mm``,
+            ``click_lamda``, ``click_sigma``, ``click_spread_mm``), which requests may override.
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
-        super().__init__(path, conf, name=share.model_name if share is not None else None)
-        if share is not None:
-            self._networks = share._networks
-            self._network_lock = share._network_lock
-            self._device_locks = share._device_locks
-            self._semaphore = share._semaphore
-            self._prob_cache = share._prob_cache  # a click after Auto Segmentation reuses its network output
+    def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
+        super().__init__(runtime)
         self.type = InferType.DEEPGROW
         self.refine_defaults = {
             "click_radius_mm": float(conf.get("click_radius_mm", "3")),
@@ -465,7 +464,8 @@ class MedURWKVClicks(MedURWKVInfer):
 
     def refiner(self) -> ClickRefined:
         target = next(iter(self.labels), "") if isinstance(self.labels, dict) else ""
-        return ClickRefined(keys=self.key_pred, target=target, **self.refine_defaults)
+        return ClickRefined(keys=self.key_pred, target=target, percentiles=self.runtime.intensity_percentiles(),
+                            **self.refine_defaults)
 
     def __call__(self, request, callbacks=None):
         parse_clicks(request)  # malformed click lists fail before the volume is segmented
@@ -475,12 +475,12 @@ class MedURWKVClicks(MedURWKVInfer):
 class MedURWKVScribbles(MedURWKVClicks):
     """The bundle's model with scribble-guided correction (type ``scribbles``: 3D Slicer's Scribbles section).
 
-    Same network, cache and request budget as the automatic task (``share``); the strokes steer the refinement of
+    Same runtime (network, cache, request budget) as the automatic task; the strokes steer the refinement of
     :class:`ScribblesRefined` (``roi_margin_mm``, ``click_spread_mm``, ``lamda``, ``sigma`` as for clicks).
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
-        super().__init__(path, conf, share=share)
+    def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
+        super().__init__(runtime, conf)
         self.type = InferType.SCRIBBLES
         self.refine_defaults.pop("click_radius_mm")
         self._config.pop("click_radius_mm", None)
@@ -491,7 +491,8 @@ class MedURWKVScribbles(MedURWKVClicks):
 
     def refiner(self):
         target = next(iter(self.labels), "") if isinstance(self.labels, dict) else ""
-        return ScribblesRefined(keys=self.key_pred, target=target, **self.refine_defaults)
+        return ScribblesRefined(keys=self.key_pred, target=target, percentiles=self.runtime.intensity_percentiles(),
+                                **self.refine_defaults)
 
     def __call__(self, request, callbacks=None):
         return MedURWKVInfer.__call__(self, request, callbacks)  # no click lists to check up front

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,8 @@ from medurwkv.guidance import AddClickGuidanced, guidance_points, infer_slices_w
 from ..errors import BadInput
 from ..options import Opt
 from .clicks import ClickRefined, roi_mask, uploaded_file
-from .medurwkv import MedURWKVInfer, ProbabilityCache
+from ..runtime import ModelRuntime, ProbabilityCache
+from .medurwkv import MedURWKVInfer
 
 logger = logging.getLogger(__name__)
 
@@ -176,35 +177,26 @@ class MedURWKVEdit(MedURWKVInfer):
     """The click-guided Med-URWKV-Edit (type ``deepedit``; see the module docstring).
 
     Args:
-        path: the bundle directory (``configs/inference_edit.json``, ``models/edit/model.pt``).
-        conf: as :class:`MedURWKVInfer` (``prob_cache`` also sets how many volumes' automatic logits are kept).
-        share: the automatic task, whose request limit and device locks this task uses too.
+        runtime: the model's runtime; this task runs on its :meth:`~lib.runtime.ModelRuntime.variant` with
+            ``configs/inference_edit.json`` and ``models/edit/model.pt`` (its own network; the same request budget
+            and device locks).
+        conf: as the runtime's (``prob_cache`` also sets how many volumes' automatic logits are kept).
     """
 
-    def __init__(self, path: str, conf: Dict[str, str], share: Optional[MedURWKVInfer] = None):
-        super().__init__(path, conf)
-        if share is not None:
-            self._semaphore = share._semaphore
-            self._device_locks = share._device_locks
-        self.path = [os.path.join(path, "models", EDIT_WEIGHTS)]
-        with self._config_lock:
-            self.label_names = dict(self.bundle_config.get_parsed_content("edit_label_names"))
+    def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
+        # the parent's cache of post-processed outputs is off (prob_cache=0): clicks change them
+        super().__init__(runtime.variant(extra_configs=[EDIT_CONFIG], weights=EDIT_WEIGHTS, prob_cache=0))
+        self.label_names = dict(self.runtime.parsed("edit_label_names"))
         self.labels = self.label_names  # Slicer sends one click list per name, "background" included
         self.type = InferType.DEEPEDIT
         self._auto_logits = ProbabilityCache(max(1, int(conf.get("prob_cache", "2"))), int(float(conf.get("prob_cache_mb", "1024")) * 2**20))
-        self._prob_cache = ProbabilityCache(0)  # the parent's cache of post-processed outputs: not for clicks
         self.description = (
             "Med-URWKV-Edit: the network takes foreground/background clicks (one list per label name) and "
             "corrects the slices they reach; no clicks = automatic segmentation."
         )
 
-    def _load_bundle_config(self, path, config):
-        parser = super()._load_bundle_config(path, [config, os.path.join(path, "configs", EDIT_CONFIG)])
-        return parser
-
     def _guidance_transform(self) -> AddClickGuidanced:
-        with self._config_lock:
-            return self.bundle_config.get_parsed_content("edit_guidance", instantiate=True)
+        return self.runtime.parsed("edit_guidance")
 
     def pre_transforms(self, data=None) -> Sequence:
         transforms = list(super().pre_transforms(data))

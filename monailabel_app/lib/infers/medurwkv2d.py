@@ -15,7 +15,8 @@ What differs for 2D images:
   results (it wrote a ``1 x W`` file).
 * **Only PNG/JPEG images** (``takes_2d_images``; the app answers 415 for volumes, and the 3D model 415 for 2D
   images).
-* The bundle's own test datalist (``dataset_dir``) is not resolved: serving needs no dataset next to the bundle.
+* The bundle's own test datalist (``dataset_dir``) is not resolved (``lib/configs/medurwkv2d.py``): serving needs
+  no dataset next to the bundle.
 """
 
 from __future__ import annotations
@@ -29,21 +30,17 @@ import torch
 
 from ..image2d import MASK_EXTENSIONS, read_header_2d, write_mask_2d
 from ..options import Opt
-from .medurwkv import MedURWKVInfer, weights_state
+from ..runtime import weights_state
+from .medurwkv import MedURWKVInfer
 
 
 class MedURWKV2dInfer(MedURWKVInfer):
     """Segmentation of a PNG/JPEG image with the 2D bundle's Med-URWKV network (see the module docstring).
 
-    Args: as :class:`~lib.infers.medurwkv.MedURWKVInfer` (``path`` is the 2D bundle's directory).
+    Args: as :class:`~lib.infers.medurwkv.MedURWKVInfer` (the 2D model's runtime, on the 2D bundle).
     """
 
     takes_2d_images = True
-
-    def _load_bundle_config(self, path, config):
-        parser = super()._load_bundle_config(path, config)
-        parser["datalist"] = []  # the bundle's test list, read from its dataset_dir: not needed to serve
-        return parser
 
     def options(self) -> Dict[str, Opt]:
         opts = super().options()
@@ -67,9 +64,9 @@ class MedURWKV2dInfer(MedURWKVInfer):
         os.close(fd)
         write_mask_2d(mask.astype(np.int64), image_path, out, dtype)
         weights = weights_state(self.weights_path)
-        cached = self._networks.get(data.get("device"))
-        if cached:
-            weights["loaded_mtime_ns"] = cached[1][0]
+        loaded = self.runtime.loaded_stamp(data.get("device"))
+        if loaded:
+            weights["loaded_mtime_ns"] = loaded[0]
         result = {
             "weights": weights,
             "probabilities": data.get("probabilities", "computed"),

@@ -39,7 +39,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
-from ..infers.medurwkv import MedURWKVInfer, weights_state
+from ..runtime import ModelRuntime, weights_state
 from ..options import COMMON, Opt, check_options, devices
 
 logger = logging.getLogger(__name__)
@@ -53,19 +53,20 @@ class MCDropoutScoring(ScoringMethod):
     """Scores unlabeled volumes by MC-dropout uncertainty (see the module docstring).
 
     Args:
-        infer_task: a ``MedURWKVInfer`` built with ``dropout=p, mc_dropout=True`` on the same bundle.
+        runtime: the model's runtime in MC-dropout mode (``ModelRuntime.variant(dropout=p, mc_dropout=True)``):
+            the bundle's preprocessing, inferer and network, run under its device locks.
         passes: stochastic forward passes per volume.
         max_slices: slices per volume.
         seed: RNG seed per volume, so a score is reproducible for given weights.
     """
 
-    def __init__(self, infer_task: MedURWKVInfer, passes: int = 8, max_slices: int = 16, seed: int = 0):
+    def __init__(self, runtime: ModelRuntime, passes: int = 8, max_slices: int = 16, seed: int = 0):
         super().__init__(
-            f"MC-dropout uncertainty (dropout {infer_task.dropout}, {passes} passes, <= {max_slices} slices per volume)"
+            f"MC-dropout uncertainty (dropout {runtime.dropout}, {passes} passes, <= {max_slices} slices per volume)"
         )
         if passes < 2:
             raise ValueError("MC dropout needs at least 2 passes")
-        self.task = infer_task
+        self.runtime = runtime
         self.passes = passes
         self.max_slices = max_slices
         self.seed = seed
@@ -87,10 +88,10 @@ class MCDropoutScoring(ScoringMethod):
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         request = self.check_request(request)
         start = time.time()
-        weights = weights_state(self.task.weights_path)
+        weights = weights_state(self.runtime.weights_path)
         unlabeled = datastore.get_unlabeled_images()
         if not weights["available"]:
-            msg = f"no trained weights ({self.task.weights_path}): uncertainty scores need a trained model"
+            msg = f"no trained weights ({self.runtime.weights_path}): uncertainty scores need a trained model"
             logger.warning(f"MC-dropout scoring skipped: {msg}")
             return {"total": len(unlabeled), "executed": 0, "skipped": len(unlabeled), "reason": msg}
 
@@ -135,11 +136,12 @@ class MCDropoutScoring(ScoringMethod):
 
     @torch.no_grad()
     def score_volume(self, image_path: str, device: str, passes: int, max_slices: int) -> Dict[str, Any]:
-        task = self.task
-        data: Dict[str, Any] = {"image": image_path, "image_path": image_path, "device": device, "logging": "WARNING"}
-        data = task.run_pre_transforms(data, task.pre_transforms(data))
-        image = torch.as_tensor(data[task.input_key]).float()  # (C, *spatial)
-        inferer = task.inferer(data)
+        runtime = self.runtime
+        data: Dict[str, Any] = {runtime.key_image: image_path, "image_path": image_path, "device": device,
+                                "logging": "WARNING"}
+        data = runtime.preprocess(data)
+        image = torch.as_tensor(data[runtime.key_image]).float()  # (C, *spatial)
+        inferer = runtime.inferer(data)
         axis = 1 + int(getattr(inferer, "spatial_dim", image.dim() - 2))  # the slicing axis in (C, *spatial)
 
         signal = image.movedim(axis, 0).flatten(1)  # (S, C*H*W)
@@ -151,10 +153,10 @@ class MCDropoutScoring(ScoringMethod):
         pick = candidates[np.unique(np.linspace(0, len(candidates) - 1, n).round().astype(int))]
         x = image.index_select(axis, pick)[None].to(device)  # the picked slices as a thin volume
 
-        network, device_lock = task.loaded_network(device, data)
+        network = runtime.network(device)
         torch.manual_seed(self.seed)
         probs = []
-        with device_lock, task.amp_context(data, device):
+        with runtime.device_lock(device), runtime.amp_context(data, device):
             for _ in range(passes):  # the bundle's inferer pads/windows each slice exactly as inference does
                 probs.append(torch.softmax(inferer(x, network).float(), dim=1)[0].cpu())
         p = torch.stack(probs)  # (T, K, *spatial)
@@ -175,6 +177,6 @@ class MCDropoutScoring(ScoringMethod):
             "foreground_fraction": float(fg.float().mean()),
             "passes": passes,
             "slices": [int(s) for s in pick],
-            "dropout": task.dropout,
+            "dropout": runtime.dropout,
             "ts": int(time.time()),
         }

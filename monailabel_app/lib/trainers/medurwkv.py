@@ -49,9 +49,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import device_list, strtobool
 
-from ..errors import AppError, BadInput
+from ..errors import AppError, BadInput, root_message
 from ..image2d import is_image_2d
-from ..infers.medurwkv import _root_message
 from ..options import COMMON, Opt, check_options, devices
 from .lock import TrainingLock
 
@@ -110,7 +109,7 @@ def failure_reason(e: BaseException) -> str:
             expr = re.sub(r"[\s\"()]+", " ", expr).strip()
             where = expr if len(expr) <= 160 else expr[:157] + "..."
         cur = cur.__cause__ or (cur.__context__ if not cur.__suppress_context__ else None)
-    root = _root_message(e)
+    root = root_message(e)
     return f"{root} (while evaluating the bundle config item: {where})" if where else root
 
 
