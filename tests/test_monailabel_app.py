@@ -163,6 +163,41 @@ def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_p
     assert off.get(("a",)) is None
 
 
+def test_uncertainty_scoring_scores_volumes_and_leaves_2d_images_to_their_model(tmp_path, monkeypatch):
+    """Studies may mix volumes and PNG/JPEG images (the 2D model's): the 3D model's MC-dropout scoring scores the
+    volumes only, records nothing on the images and counts them in no total."""
+    import shutil
+    import types
+
+    import torch
+
+    from medurwkv.checkpoint import save_weights
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.configs.medurwkv import MedURWKVConfig
+    finally:
+        sys.path.remove(str(APP))
+    config = MedURWKVConfig()
+    config.init(MODEL, str(tmp_path / "app" / "model"), {"bundle": str(bundle)})
+    (bundle / "models").mkdir()
+    save_weights({k: torch.zeros_like(v) for k, v in config.runtime.parsed("network_def").state_dict().items()},
+                 bundle / "models" / "model.pt")
+    method = config.scoring_method()["mc_dropout"]
+    uris = {"head": str(tmp_path / "head.nii.gz"), "slide": str(tmp_path / "slide.png"), "photo": str(tmp_path / "p.JPG")}
+    updated, scored = {}, []
+    store = types.SimpleNamespace(
+        get_unlabeled_images=lambda: sorted(uris), get_image_uri=uris.get, get_image_info=lambda i: {},
+        update_image_info=lambda i, info: updated.setdefault(i, info),
+    )
+    monkeypatch.setattr(method, "score_volume", lambda path, *a: scored.append(path) or {"score": 0.25})
+    summary = method({"device": "cpu"}, store)
+    assert scored == [uris["head"]] and set(updated) == {"head"}
+    assert summary["total"] == summary["executed"] == 1 and summary["scores"] == {"head": 0.25} and not summary["failed"]
+
+
 def test_tasks_share_one_runtime_that_reloads_changed_weights(tmp_path):
     """The infer, click and scribble tasks of the model run on its one runtime: one network in memory, reloaded
     when the weights file changes; the MC-dropout scorer has its own network (dropout on) under the same request

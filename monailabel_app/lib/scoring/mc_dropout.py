@@ -39,6 +39,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
+from ..image2d import is_image_2d
 from ..runtime import ModelRuntime, weights_state
 from ..options import COMMON, Opt, check_options, devices
 
@@ -89,7 +90,8 @@ class MCDropoutScoring(ScoringMethod):
         request = self.check_request(request)
         start = time.time()
         weights = weights_state(self.runtime.weights_path)
-        unlabeled = datastore.get_unlabeled_images()
+        # volumes only: 2D images (PNG/JPEG, the 2D model's) are not this network's input, so not scored here
+        unlabeled = [i for i in datastore.get_unlabeled_images() if not is_image_2d(datastore.get_image_uri(i))]
         if not weights["available"]:
             msg = f"no trained weights ({self.runtime.weights_path}): uncertainty scores need a trained model"
             logger.warning(f"MC-dropout scoring skipped: {msg}")
