@@ -163,15 +163,9 @@ def test_probability_cache_misses_on_rewritten_inputs_and_keeps_its_limits(tmp_p
     assert off.get(("a",)) is None
 
 
-def test_uncertainty_scoring_scores_volumes_and_leaves_2d_images_to_their_model(tmp_path, monkeypatch):
-    """Studies may mix volumes and PNG/JPEG images (the 2D model's): the 3D model's MC-dropout scoring scores the
-    volumes only, records nothing on the images and counts them in no total."""
+def _model_config(tmp_path):
+    """The app's model config (``lib/configs/medurwkv.py``) over a copy of the bundle's configs, no weights."""
     import shutil
-    import types
-
-    import torch
-
-    from medurwkv.checkpoint import save_weights
 
     bundle = tmp_path / "bundle"
     shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
@@ -182,6 +176,19 @@ def test_uncertainty_scoring_scores_volumes_and_leaves_2d_images_to_their_model(
         sys.path.remove(str(APP))
     config = MedURWKVConfig()
     config.init(MODEL, str(tmp_path / "app" / "model"), {"bundle": str(bundle)})
+    return bundle, config
+
+
+def test_uncertainty_scoring_scores_volumes_and_leaves_2d_images_to_their_model(tmp_path, monkeypatch):
+    """Studies may mix volumes and PNG/JPEG images (the 2D model's): the 3D model's MC-dropout scoring scores the
+    volumes only, records nothing on the images and counts them in no total."""
+    import types
+
+    import torch
+
+    from medurwkv.checkpoint import save_weights
+
+    bundle, config = _model_config(tmp_path)
     (bundle / "models").mkdir()
     save_weights({k: torch.zeros_like(v) for k, v in config.runtime.parsed("network_def").state_dict().items()},
                  bundle / "models" / "model.pt")
@@ -202,21 +209,12 @@ def test_tasks_share_one_runtime_that_reloads_changed_weights(tmp_path):
     """The infer, click and scribble tasks of the model run on its one runtime: one network in memory, reloaded
     when the weights file changes; the MC-dropout scorer has its own network (dropout on) under the same request
     budget and device locks."""
-    import shutil
 
     import torch
 
     from medurwkv.checkpoint import save_weights
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.configs.medurwkv import MedURWKVConfig
-    finally:
-        sys.path.remove(str(APP))
-    config = MedURWKVConfig()
-    config.init(MODEL, str(tmp_path / "app" / "model"), {"bundle": str(bundle)})
+    bundle, config = _model_config(tmp_path)
     runtime = config.runtime
     tasks = config.infer()
     assert set(tasks) == {MODEL, f"{MODEL}_clicks", f"{MODEL}_scribbles"}
