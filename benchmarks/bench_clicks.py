@@ -1,6 +1,11 @@
 """Dice after N simulated clicks on a held-out volume: Med-URWKV-Edit (the click-guided network) against
 today's graph-cut clicks (``medurwkv_clicks``: the automatic network, then ``ClickRefined``), in one run.
 
+Four curves: graph-cut clicks on the automatic model; the click-guided network alone (clicks into the network,
+each clicked voxel set to its class); the graph cut on the click-guided network's automatic mode (clicks not
+into the network); and ``medurwkv_edit`` as served: clicks into the network, then the same graph cut on its
+guided probabilities inside the slices the clicks reach (``monailabel_app/lib/infers/edit.py::refine_edit``).
+
 The simulated annotator is the active-learning loop's (``monailabel_app/active_learning_loop.py::next_click``):
 each click at the deepest voxel of the largest remaining error, foreground where brain is missed, background
 where something else is taken; clicks accumulate. Both methods are scored on the image's own grid.
@@ -51,7 +56,8 @@ def main(argv=None) -> dict:
     from medurwkv.guidance import infer_slices_with_clicks, map_points
     from medurwkv.visualize import dice_score
     from monailabel_app.active_learning_loop import next_click, read_mask
-    from monailabel_app.lib.infers.clicks import ClickRefined
+    from monailabel_app.lib.infers.clicks import ClickRefined, _spacing
+    from monailabel_app.lib.infers.edit import refine_edit, steered_region
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=os.path.join(ROOT, "bundle"))
@@ -124,28 +130,44 @@ def main(argv=None) -> dict:
         # the same graph-cut clicks on Med-URWKV-Edit's automatic mode: the same network and training budget
         gc_edit, _ = graph_cut_curve(prob)
         img_affine, pre_affine = np.asarray(prob.affine), np.asarray(image.affine)
-        guidance = {n: [] for n in names}
-        seg = argmax(prob)
-        ed = [dice_score(seg, truth)]
-        t_ed, clicks_ed = [], []
-        for _ in range(args.clicks):
-            click = next_click(seg, truth)
-            if click is None:
-                ed.append(ed[-1])
-                continue
-            kind, ijk = click
-            clicks_ed.append(click)
-            t0 = time.perf_counter()
-            guidance[fg_name if kind == "foreground" else "background"].append(
-                map_points([ijk], img_affine, pre_affine)[0].tolist()
-            )
-            logits = infer_slices_with_clicks(net_edit, inferer_edit, image, guidance, logits0, guidance_tf)
-            seg = argmax(on_image_grid(logits, d_edit, pre_edit))
-            for k, v in clicks_ed:  # as medurwkv_edit serves it: every clicked voxel gets its click's class
-                seg[tuple(v)] = k == "foreground"
-            t_ed.append(time.perf_counter() - t0)
-            ed.append(dice_score(seg, truth))
-            print(f"Med-URWKV-Edit, click {len(ed) - 1}: Dice {ed[-1]:.4f}", file=sys.stderr, flush=True)
+        spatial = tuple(prob.shape[1:])
+
+        def edit_curve(graph_cut: bool) -> tuple:
+            """Clicks into the network (on the slices they reach), then, when ``graph_cut``, refine_edit as
+            medurwkv_edit serves it; every clicked voxel gets its click's class."""
+            what = "Med-URWKV-Edit + graph cut" if graph_cut else "Med-URWKV-Edit alone"
+            guidance = {n: [] for n in names}  # on the network's grid
+            on_image = {n: [] for n in names}  # the same clicks on the image's grid
+            seg = argmax(prob)
+            dice, times, clicks = [dice_score(seg, truth)], [], []
+            for _ in range(args.clicks):
+                click = next_click(seg, truth)
+                if click is None:
+                    dice.append(dice[-1])
+                    continue
+                kind, ijk = click
+                clicks.append(click)
+                name = fg_name if kind == "foreground" else "background"
+                t0 = time.perf_counter()
+                guidance[name].append(map_points([ijk], img_affine, pre_affine)[0].tolist())
+                on_image[name].append([int(x) for x in ijk])
+                logits = infer_slices_with_clicks(net_edit, inferer_edit, image, guidance, logits0, guidance_tf)
+                p = on_image_grid(logits, d_edit, pre_edit)
+                if graph_cut:
+                    steered = steered_region(guidance, img_affine, pre_affine, spatial, guidance_tf.reach)
+                    seg, _ = refine_edit(np.asarray(p), on_image, steered, _spacing(p, 3),
+                                         lambda: refiner._image({"image_path": args.image}, spatial), refiner._params({}))
+                else:
+                    seg = argmax(p)
+                for k, v in clicks:  # as medurwkv_edit serves it: every clicked voxel gets its click's class
+                    seg[tuple(v)] = k == "foreground"
+                times.append(time.perf_counter() - t0)
+                dice.append(dice_score(seg, truth))
+                print(f"{what}, click {len(dice) - 1}: Dice {dice[-1]:.4f}", file=sys.stderr, flush=True)
+            return dice, times, clicks
+
+        ed, t_ed, clicks_ed = edit_curve(graph_cut=False)
+        edc, t_edc, clicks_edc = edit_curve(graph_cut=True)
 
     steps = [n for n in (0, 1, 3, 5, 10) if n <= args.clicks]
     result = {
@@ -157,36 +179,43 @@ def main(argv=None) -> dict:
         "dice_graph_cut": gc,
         "dice_edit": ed,
         "dice_graph_cut_on_edit_auto": gc_edit,
+        "dice_edit_graph_cut": edc,
         "table": {
-            str(n): {"graph_cut": round(gc[n], 4), "edit": round(ed[n], 4), "graph_cut_on_edit_auto": round(gc_edit[n], 4)}
+            str(n): {"graph_cut": round(gc[n], 4), "edit": round(ed[n], 4), "graph_cut_on_edit_auto": round(gc_edit[n], 4),
+                     "edit_graph_cut": round(edc[n], 4)}
             for n in steps
         },
         "largest_drop_graph_cut": round(max([0.0] + [a - b for a, b in zip(gc, gc[1:])]), 4),
         "largest_drop_edit": round(max([0.0] + [a - b for a, b in zip(ed, ed[1:])]), 4),
+        "largest_drop_graph_cut_on_edit_auto": round(max([0.0] + [a - b for a, b in zip(gc_edit, gc_edit[1:])]), 4),
+        "largest_drop_edit_graph_cut": round(max([0.0] + [a - b for a, b in zip(edc, edc[1:])]), 4),
         "edit_clicks": clicks_ed,
+        "edit_graph_cut_clicks": clicks_edc,
         "seconds": {
             "auto_network_volume": round(t_auto, 2),
             "edit_network_volume": round(t_edit_auto, 2),
             "graph_cut_per_click_median": round(float(np.median(t_gc)), 3) if t_gc else None,
             "edit_per_click_median": round(float(np.median(t_ed)), 3) if t_ed else None,
+            "edit_graph_cut_per_click_median": round(float(np.median(t_edc)), 3) if t_edc else None,
         },
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    plot(gc, ed, gc_edit, args.out + ".png", os.path.basename(args.image))
-    print(json.dumps({k: result[k] for k in ("table", "largest_drop_graph_cut", "largest_drop_edit", "seconds")}, indent=2))
+    plot(gc, ed, gc_edit, edc, args.out + ".png", os.path.basename(args.image))
+    print(json.dumps({k: v for k, v in result.items() if k == "table" or k.startswith(("largest_drop", "seconds"))}, indent=2))
     return result
 
 
-def plot(gc, ed, gc_edit, path: str, title: str) -> None:
+def plot(gc, ed, gc_edit, edc, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(range(len(ed)), ed, "o-", label="Med-URWKV-Edit (clicks into the network)")
+    ax.plot(range(len(edc)), edc, "D-", label="medurwkv_edit as served (clicks into the network, then graph cut)")
+    ax.plot(range(len(ed)), ed, "o-", label="Med-URWKV-Edit network alone (clicks into the network)")
     ax.plot(range(len(gc)), gc, "s--", label="graph-cut clicks on the automatic model (medurwkv_clicks)")
     ax.plot(range(len(gc_edit)), gc_edit, "^:", label="graph-cut clicks on Med-URWKV-Edit's automatic mode")
     ax.axhline(0.93, color="grey", lw=0.8, ls=":", label="target after 5 clicks (0.93)")

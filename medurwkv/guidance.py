@@ -23,7 +23,10 @@ finds where it is wrong and :class:`RandomClickGuidanced` (``AddRandomGuidanceDe
 errors, up to ``max_interactions`` rounds; with probability ``1 - deepgrow_probability`` an iteration has no
 clicks (automatic mode). The first weights are the automatic model's (:class:`ExtraInputChannelsLoader`: the
 image channel's stem weights copied, the guidance channels' set to zero, so training starts from exactly the
-automatic segmentation).
+automatic segmentation). Two additions make the network see what inference gives it and learn to use it: the
+training slices' clicks are encoded as from neighbouring slices too (:class:`SliceOffsetClickGuidanced`: the
+weaker guidance a click shows within its reach), and the guidance channels' input weights, which start at zero,
+learn faster than the rest (:class:`GuidanceLearningRate`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 from monai.apps.deepedit.transforms import AddGuidanceSignalDeepEditd, AddRandomGuidanceDeepEditd
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
 from .checkpoint import CheckpointError, load_weights
@@ -45,6 +48,8 @@ __all__ = [
     "guidance_points",
     "AddClickGuidanced",
     "RandomClickGuidanced",
+    "SliceOffsetClickGuidanced",
+    "GuidanceLearningRate",
     "ExtraInputChannelsLoader",
     "load_with_extra_input_channels",
     "map_points",
@@ -141,6 +146,128 @@ class RandomClickGuidanced(AddRandomGuidanceDeepEditd):
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         self.guidance = {name: guidance_points(data[self.guidance_key].get(name)) for name in data["label_names"]}
         return super().__call__(data)
+
+
+class SliceOffsetClickGuidanced(AddClickGuidanced, Randomizable):
+    """:class:`AddClickGuidanced` for the 2D training slices, with each click seen as from a neighbouring slice.
+
+    At inference a click on slice ``z`` guides the slices ``z - reach .. z + reach`` with the Gaussian's strength
+    there (module docstring); a network trained only on clicks of its own slice never sees that weaker guidance.
+    Here each click of a 2D slice gets, once (kept across click rounds in ``data[offsets]``, JSON), an offset
+    ``dz``: 0 with probability ``1 - offset_probability``, else uniform in ``+-1 .. +-max_offset``. Its guidance on
+    the slice is what the volume's 3D encoding gives ``dz`` slices away from a click at that in-plane position: the
+    same ``AddGuidanceSignalDeepEditd`` (``sigma`` in-plane, ``sigma_slices`` across) run on a stack of slices,
+    and the slice read back. The click itself is chosen by MONAI's DeepEdit simulation (inside this slice's
+    errors), which stands for the error on the neighbouring slice. 3D images are encoded as by the parent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        label_names: Optional[Mapping[str, int]] = None,
+        guidance: str = "guidance",
+        sigma: float = 3.0,
+        sigma_slices: float = 1.5,
+        max_offset: int = 3,
+        offset_probability: float = 0.5,
+        offsets: str = "guidance_offsets",
+        number_intensity_ch: int = 1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, label_names, guidance, sigma, sigma_slices, number_intensity_ch, allow_missing_keys)
+        if not 0 <= int(max_offset) <= self.reach:
+            raise ValueError(f"max_offset must be in 0 .. {self.reach} (the guidance's reach), got {max_offset}")
+        if not 0.0 <= offset_probability <= 1.0:
+            raise ValueError(f"offset_probability must be in [0, 1], got {offset_probability}")
+        self.max_offset, self.offset_probability, self.offsets = int(max_offset), float(offset_probability), offsets
+
+    def _offset(self) -> int:
+        if self.max_offset == 0 or self.R.rand() >= self.offset_probability:
+            return 0
+        return int(self.R.randint(1, self.max_offset + 1)) * (1 if self.R.rand() < 0.5 else -1)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = super().__call__(data)  # checks, JSON guidance, label_names; the own-slice encoding
+        image = d["image"]
+        if image.ndim != 3 or self.max_offset == 0:
+            return d
+        points = {name: guidance_points(d[self.guidance][name]) for name in self.label_names}
+        known = d.get(self.offsets) or "{}"
+        known = json.loads(known) if isinstance(known, str) else dict(known)
+        offsets = {}
+        for name, pts in points.items():
+            dz = [int(x) for x in known.get(name, [])][: len(pts)]
+            offsets[name] = dz + [self._offset() for _ in range(len(pts) - len(dz))]
+        d[self.offsets] = json.dumps(offsets)
+        if not any(z for dz in offsets.values() for z in dz):
+            return d
+        centre = self.reach + self.max_offset  # the stack is deep enough for every click's whole kernel
+        stack = {
+            "image": torch.zeros((self.number_intensity_ch, *image.shape[1:], 2 * centre + 1)),
+            self.guidance: {n: [[p[-2], p[-1], centre + z] for p, z in zip(points[n], offsets[n])] for n in points},
+        }
+        signal = self._signal[3](stack)["image"][self.number_intensity_ch :, ..., centre]
+        signal = torch.as_tensor(np.asarray(signal), dtype=torch.float32)
+        if torch.is_tensor(image):
+            image = image.clone()
+            image[self.number_intensity_ch :] = signal.to(image.dtype)
+        else:
+            image = np.array(image)
+            image[self.number_intensity_ch :] = signal.numpy()
+        d["image"] = image
+        return d
+
+
+class GuidanceLearningRate:
+    """Ignite handler: the guidance channels' input weights learn ``factor`` times faster than the rest.
+
+    The click-guided network starts with zero weights on its guidance channels (:class:`ExtraInputChannelsLoader`)
+    while the image channel's are trained; at the base learning rate they stay ~30 times smaller than the image's
+    over a short fine-tuning and the network ignores the clicks. The guidance slices ``[:, number_intensity_ch:]``
+    live in the same tensors as the image channel's (the patch embedding, the adapter's stem), so a param group
+    cannot hold them alone: instead the optimizer's step on those slices is multiplied by ``factor`` after each
+    iteration. For element-wise optimizers (Adam, AdamW, SGD without momentum coupling across elements) this is
+    exactly a learning rate ``factor x`` the scheduled one on those elements (AdamW's moments do not depend on the
+    learning rate; its decoupled weight decay scales with it too).
+
+    Args:
+        network: the click-guided network (``in_channels`` = image + guidance channels).
+        factor: learning-rate multiplier for the guidance weights (1: no change).
+        number_intensity_ch: image channels (the first input channels).
+    """
+
+    def __init__(self, network: nn.Module, factor: float = 30.0, number_intensity_ch: int = 1) -> None:
+        if factor <= 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        self.network, self.factor, self.number_intensity_ch = network, float(factor), int(number_intensity_ch)
+        self._before: List[torch.Tensor] = []
+
+    def weights(self) -> List[torch.Tensor]:
+        """The input convolutions' weights (4D, consuming the network's ``in_channels``)."""
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        first = getattr(net, "in_channels", None)
+        return [p for p in net.parameters() if p.dim() == 4 and first is not None and p.shape[1] == first]
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if not self.weights():
+            raise ValueError("GuidanceLearningRate: the network has no input convolution with in_channels weights")
+        engine.add_event_handler(Events.ITERATION_STARTED, self._remember)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._scale)
+
+    @torch.no_grad()
+    def _remember(self, engine: Any = None) -> None:
+        self._before = [w[:, self.number_intensity_ch :].clone() for w in self.weights()]
+
+    @torch.no_grad()
+    def _scale(self, engine: Any = None) -> None:
+        if self.factor == 1.0 or not self._before:
+            return
+        for w, before in zip(self.weights(), self._before):
+            g = w[:, self.number_intensity_ch :]
+            g.copy_(before + (g - before) * self.factor)
+        self._before = []
 
 
 def load_with_extra_input_channels(network: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> List[str]:

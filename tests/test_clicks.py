@@ -337,12 +337,18 @@ def test_the_cut_scales_the_image_as_the_bundles_preprocessing_does(tmp_path):
     sys.path.insert(0, str(ROOT / "monailabel_app"))
     try:
         from lib.infers.clicks import ClickRefined, MedURWKVClicks, MedURWKVScribbles
+        from lib.infers.edit import EditRefined, MedURWKVEdit
         from lib.runtime import ModelRuntime
     finally:
         sys.path.remove(str(ROOT / "monailabel_app"))
     runtime = ModelRuntime(str(bundle), {})
     refiners = [MedURWKVClicks(runtime, {}).refiner(), MedURWKVScribbles(runtime, {}).refiner()]
     assert [r.percentiles for r in refiners] == [(5.0, 90.0)] * 2
+    # Med-URWKV-Edit's graph cut after its network: the same percentiles, and the app's --conf click_* settings
+    edit = MedURWKVEdit(runtime, {"click_lamda": "7", "click_roi_margin_mm": "12"})
+    cut = next(t for t in edit.post_transforms() if isinstance(t, EditRefined)).refiner
+    assert cut.percentiles == (5.0, 90.0)
+    assert cut.defaults["lamda"] == 7.0 and cut.defaults["roi_margin_mm"] == 12.0
 
     shape = nib.load(IMAGE).shape
     arr = ClickRefined()._load(str(IMAGE), shape, "the image")

@@ -150,3 +150,47 @@ def test_bad_clicks_get_4xx_and_the_server_stays_up(ctx):
     assert ctx.client.info()["models"][EDIT]  # still serving
     got, _ = _infer(ctx, EDIT, {"brain": [[5, 5, 5]]})
     assert got[5, 5, 5] == 1
+
+
+def test_graph_cut_after_the_network_is_the_clicks_tasks_inside_the_steered_region_only():
+    """refine_edit (medurwkv_edit's last step before the clicked voxels are set): clicks.py's refine_near_seeds on
+    the guided network's probabilities where the clicks steer, the network's answer elsewhere. Synthetic: a bright
+    ball (radius 8) in a grey shell (radius 12), the network's ball of radius 8, one foreground click at radius 10
+    on slice 10; reach 0 slices, so the cut's change on slices 9 and 11 must not come through."""
+    import sys
+    from pathlib import Path
+
+    app = str(Path(__file__).resolve().parents[1] / "monailabel_app")
+    sys.path.insert(0, app)
+    try:
+        from lib.infers.clicks import ClickRefined, refine_near_seeds
+        from lib.infers.edit import refine_edit, steered_region
+    finally:
+        sys.path.remove(app)
+    shape, spacing, affine = (40, 40, 24), np.array([2.0, 2.0, 2.0]), np.diag([2.0, 2.0, 2.0, 1.0])
+    r = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.indices(shape), (20, 20, 12))))
+    image = np.where(r <= 8, 0.9, np.where(r <= 12, 0.6, 0.1)).astype(np.float32)
+    fg_p = 1 / (1 + np.exp(2 * (r - 8)))
+    prob = np.stack([1 - fg_p, fg_p]).astype(np.float32)
+    network = prob[1] > prob[0]
+    opt = ClickRefined()._params({})  # the clicks task's defaults
+    click = [30, 20, 10]
+
+    label, info = refine_edit(prob, {"brain": [], "background": []}, np.ones(shape, bool), spacing, None, opt)
+    assert np.array_equal(label, network) and info["changed"] == 0  # no clicks: the network's, no image read
+
+    steered = steered_region({"brain": [click]}, affine, affine, shape, reach=0)
+    assert steered[..., 10].all() and steered.sum() == 40 * 40
+    label, _ = refine_edit(prob, {"brain": [click], "background": []}, steered, spacing, lambda: image, opt)
+    seeds = np.zeros(shape, bool)
+    seeds[tuple(click)] = True
+    cut, _ = refine_near_seeds(prob, spacing, lambda: image, seeds, np.zeros(shape, bool), opt, opt["click_radius_mm"])
+    assert np.array_equal(label, np.where(steered, cut, network))  # the clicks task's own function, confined
+    assert (cut != network)[..., 9].any() and (cut != network)[..., 11].any()  # the cut alone reaches further
+    assert (label != network)[..., 10].any() and not (label != network)[~steered].any()
+    assert label[tuple(click)] and not network[tuple(click)]
+
+    roi = [0, 25, 0, 40, 0, 24]  # the click outside the box: it steers nothing
+    boxed = steered_region({"brain": [click]}, affine, affine, shape, reach=0, roi=roi)
+    label, _ = refine_edit(prob, {"brain": [click], "background": []}, boxed, spacing, lambda: image, opt)
+    assert np.array_equal(label, network)

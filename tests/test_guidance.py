@@ -146,5 +146,73 @@ def test_edit_configs_merge_on_top_of_the_base_configs():
     train = ConfigParser()
     train.read_config([str(ROOT / "bundle" / "configs" / c) for c in ("train.json", "train_edit.json")])
     assert isinstance(train.get_parsed_content("edit_guidance"), AddClickGuidanced)
-    assert train["train#random_transforms"][-1] == "@edit_guidance"
+    # training slices: the same encoding, with clicks also seen from neighbouring slices (SliceOffsetClickGuidanced)
+    train_guidance = train.get_parsed_content("edit_guidance_train")
+    assert type(train_guidance).__name__ == "SliceOffsetClickGuidanced" and train_guidance.reach == 6
+    assert train["train#random_transforms"][-1] == "@edit_guidance_train"
+    assert train["edit_click_transforms"][-1] == "@edit_guidance_train"
     assert "RandCropByPosNegLabeld" in [t.get("_target_") for t in train["train#random_transforms"][:-1]]
+    assert train["train#handlers"][-1]["_target_"] == "medurwkv.guidance.GuidanceLearningRate"
+
+
+def test_training_clicks_seen_from_neighbouring_slices_get_the_volumes_encoding():
+    """SliceOffsetClickGuidanced (train_edit.json): a 2D training slice's click, given an offset dz, is encoded as
+    the 3D volume's guidance dz slices from a click at that in-plane position; the offsets survive click rounds."""
+    from medurwkv.guidance import SliceOffsetClickGuidanced
+
+    t = SliceOffsetClickGuidanced(label_names=NAMES, sigma=3.0, sigma_slices=1.5, max_offset=3, offset_probability=1.0)
+    t.set_random_state(0)
+    image = torch.rand(1, 40, 36)
+    out = t({"image": image, "guidance": {"brain": [[0, 20, 17]], "background": [[3, 5, 30]]}})  # DeepEdit's [d, i, j]
+    dz = json.loads(out["guidance_offsets"])
+    assert all(1 <= abs(z[0]) <= 3 for z in dz.values())
+    volume = AddClickGuidanced(label_names=NAMES, sigma=3.0, sigma_slices=1.5)
+    centre = 10
+    ref = volume({"image": torch.zeros(1, 40, 36, 2 * centre + 1),
+                  "guidance": {"brain": [[20, 17, centre + dz["brain"][0]]], "background": [[5, 30, centre + dz["background"][0]]]}})
+    np.testing.assert_allclose(np.asarray(out["image"][1:]), np.asarray(ref["image"][1:, ..., centre]), atol=1e-6)
+    assert torch.equal(out["image"][0], image[0])
+    assert float(out["image"][1].max()) < 0.9  # weaker than a click on its own slice (1.0)
+
+    again = t(dict(out, guidance={"brain": [[0, 20, 17], [0, 30, 3]], "background": out["guidance"]["background"]}))
+    kept = json.loads(again["guidance_offsets"])
+    assert kept["brain"][0] == dz["brain"][0] and len(kept["brain"]) == 2 and kept["background"] == dz["background"]
+
+    same = SliceOffsetClickGuidanced(label_names=NAMES, max_offset=0)({"image": image, "guidance": {"brain": [[0, 20, 17]]}})
+    own = AddClickGuidanced(label_names=NAMES)({"image": image, "guidance": {"brain": [[0, 20, 17]]}})
+    assert torch.equal(torch.as_tensor(same["image"]), torch.as_tensor(own["image"]))
+
+
+def test_guidance_learning_rate_is_a_param_group_with_factor_times_the_rate_on_the_guidance_weights():
+    """GuidanceLearningRate scales the optimizer's step on the input weights' guidance slices: for AdamW exactly
+    what a separate param group at factor x the learning rate would do (checked against one)."""
+    from medurwkv.guidance import GuidanceLearningRate
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_channels = 3
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    torch.manual_seed(0)
+    net = Stem()
+    w_img = torch.nn.Parameter(net.conv.weight.detach()[:, :1].clone())
+    w_gui = torch.nn.Parameter(net.conv.weight.detach()[:, 1:].clone())
+    bias = torch.nn.Parameter(net.conv.bias.detach().clone())
+    lr, factor = 1e-2, 30.0
+    opt_a = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    opt_b = torch.optim.AdamW([{"params": [w_img, bias]}, {"params": [w_gui], "lr": lr * factor}], lr=lr, weight_decay=0.01)
+    handler = GuidanceLearningRate(net, factor=factor)
+    assert [tuple(w.shape) for w in handler.weights()] == [(4, 3, 3, 3)]
+    x, y = torch.rand(2, 3, 8, 8), torch.rand(2, 4, 8, 8)
+    for _ in range(5):
+        handler._remember()
+        opt_a.zero_grad()
+        ((net.conv(x) - y) ** 2).mean().backward()
+        opt_a.step()
+        handler._scale()
+        opt_b.zero_grad()
+        ((torch.nn.functional.conv2d(x, torch.cat([w_img, w_gui], 1), bias, padding=1) - y) ** 2).mean().backward()
+        opt_b.step()
+    torch.testing.assert_close(net.conv.weight[:, :1], w_img, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(net.conv.weight[:, 1:], w_gui, atol=1e-6, rtol=1e-5)

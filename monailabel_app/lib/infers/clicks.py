@@ -423,6 +423,18 @@ class ScribblesRefined(ClickRefined):
         return fg & inside, bg & inside, base, inside, what
 
 
+def refine_defaults(conf: Dict[str, str]) -> Dict[str, float]:
+    """The graph cut's parameters from the app's ``--conf`` (``click_radius_mm``, ``click_roi_margin_mm``,
+    ``click_lamda``, ``click_sigma``, ``click_spread_mm``): the clicks task's and Med-URWKV-Edit's."""
+    return {
+        "click_radius_mm": float(conf.get("click_radius_mm", "3")),
+        "roi_margin_mm": float(conf.get("click_roi_margin_mm", "30")),
+        "lamda": float(conf.get("click_lamda", "20")),
+        "sigma": float(conf.get("click_sigma", "0.1")),
+        "click_spread_mm": float(conf.get("click_spread_mm", "10")),
+    }
+
+
 class MedURWKVClicks(MedURWKVInfer):
     """The bundle's model with click-guided correction (type ``deepgrow``, so 3D Slicer lists it under SmartEdit).
 
@@ -436,13 +448,7 @@ class MedURWKVClicks(MedURWKVInfer):
     def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
         super().__init__(runtime)
         self.type = InferType.DEEPGROW
-        self.refine_defaults = {
-            "click_radius_mm": float(conf.get("click_radius_mm", "3")),
-            "roi_margin_mm": float(conf.get("click_roi_margin_mm", "30")),
-            "lamda": float(conf.get("click_lamda", "20")),
-            "sigma": float(conf.get("click_sigma", "0.1")),
-            "click_spread_mm": float(conf.get("click_spread_mm", "10")),
-        }
+        self.refine_defaults = refine_defaults(conf)
         self._config.update(self.refine_defaults)
         self.description = (
             "Med-URWKV with click-guided correction: foreground/background clicks correct the AUTOMATIC "

@@ -13,6 +13,11 @@ as 3D, so Slicer imports the whole answer, not only the clicked slice.
 * **No clicks**: the automatic mode (all-zero guidance).
 * **Reach**: a click guides its own axial slice of the network's grid and ``reach`` slices on each side (see
   ``medurwkv/guidance.py``); the network runs only there, and every other slice keeps the automatic answer.
+* **Then the graph cut of ``medurwkv_clicks``** (``lib/infers/clicks.py``'s :func:`refine_near_seeds`, the same
+  function and defaults) on the network's guided probabilities, with the clicks as seeds: only voxels within its
+  ``roi_margin_mm`` of a click and inside the steered region (below) may change (:func:`refine_edit`). The
+  network carries each click across the slices it reaches; the cut makes the answer follow the image's edges
+  next to the click. Both together, and the network alone, are measured by ``benchmarks/bench_clicks.py``.
 * **Every clicked voxel gets its click's class** (as with ``medurwkv_clicks``).
 * **The clinician's work is kept**: when the current segmentation is sent, every voxel outside the steered
   region (the slices the clicks reach, inside ``roi`` when one is given) keeps its value. With a ``roi``, only
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,8 +44,8 @@ from medurwkv.guidance import AddClickGuidanced, guidance_points, infer_slices_w
 
 from ..errors import BadInput
 from ..options import Opt
-from .clicks import ClickRefined, roi_mask, uploaded_file
 from ..runtime import ModelRuntime, ProbabilityCache
+from .clicks import ClickRefined, _spacing, refine_defaults, refine_near_seeds, roi_mask, uploaded_file
 from .medurwkv import MedURWKVInfer
 
 logger = logging.getLogger(__name__)
@@ -83,6 +88,62 @@ def parse_edit_clicks(request: Dict[str, Any], label_names: Sequence[str]) -> Di
 
 def _looks_like_clicks(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(p, (list, tuple)) for p in value)
+
+
+def steered_region(
+    guidance: Dict[str, Any], src: np.ndarray, dst: np.ndarray, spatial: Sequence[int], reach: int, roi: Any = None
+) -> np.ndarray:
+    """The voxels of the image (``spatial``, voxel-to-world ``src``) the clicks steer: those whose slice on the
+    network's grid (voxel-to-world ``dst``) is within ``reach`` of a click's slice (``guidance``: clicks on that
+    grid), inside ``roi`` (voxel bounds on the image) when one is given."""
+    steered = np.zeros(tuple(spatial), bool)
+    zs = sorted({int(p[-1]) for pts in guidance.values() for p in guidance_points(pts)})
+    if zs:  # slice index on the network's grid of every image voxel: an affine function of (i, j, k)
+        row = (np.linalg.inv(dst) @ src)[2]
+        ijk = np.indices(tuple(spatial), dtype=np.float32)
+        z = row[0] * ijk[0] + row[1] * ijk[1] + row[2] * ijk[2] + row[3]
+        for zc in zs:
+            steered |= np.abs(z - zc) <= reach + 0.5
+    inside = roi_mask(roi, spatial)
+    return steered if inside is None else steered & inside
+
+
+def refine_edit(
+    prob: np.ndarray,
+    clicks: Dict[str, List[List[int]]],
+    steered: np.ndarray,
+    spacing: np.ndarray,
+    image: Any,
+    opt: Dict[str, float],
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Med-URWKV-Edit's answer on the image grid: the graph cut of ``medurwkv_clicks`` (:func:`refine_near_seeds`)
+    on the click-guided network's probabilities, confined to the steered region.
+
+    Args:
+        prob: (2, *spatial) softmax of the network run with the clicks, on the image grid.
+        clicks: ``{label name: [[i, j, k], ...]}`` on the image grid (``"background"``: background, any other
+            name: foreground).
+        steered: (*spatial) the voxels the clicks may change (:func:`steered_region`).
+        spacing: voxel size in mm per axis.
+        image: returns the image on that grid scaled to 0..1 (called only when there are clicks).
+        opt: ``ClickRefined``'s parameters (``click_radius_mm``, ``roi_margin_mm``, ``click_spread_mm``,
+            ``lamda``, ``sigma``).
+
+    Returns:
+        the boolean foreground (*spatial) and the refinement's numbers for the log. Outside ``steered`` it is the
+        network's argmax; clicked voxels are not forced here (:class:`EditResultd` does it last).
+    """
+    spatial = tuple(prob.shape[1:])
+    seeds = {True: np.zeros(spatial, bool), False: np.zeros(spatial, bool)}
+    for name, points in clicks.items():
+        for p in points:
+            if steered[tuple(p)]:
+                seeds[name != "background"][tuple(p)] = True
+    network = prob[1] > prob[0]
+    if not (seeds[True].any() or seeds[False].any()):
+        return network, {"box": [0] * len(spatial), "changed": 0}
+    label, info = refine_near_seeds(prob, spacing, image, seeds[True], seeds[False], opt, opt["click_radius_mm"])
+    return np.where(steered, label, network), info
 
 
 class EditClicksToGridd(MapTransform):
@@ -144,17 +205,7 @@ class EditResultd(MapTransform):
         if path is not None:
             values = np.rint(ClickRefined()._load(path, spatial, "the segmentation sent", src)).astype(np.int64)
             base = values == (1 if values.max() <= 1 else self._target_id(d))
-            steered = np.zeros(spatial, bool)
-            zs = sorted({int(p[-1]) for pts in d["guidance"].values() for p in guidance_points(pts)})
-            if zs:  # slice index on the network's grid of every image voxel: an affine function of (i, j, k)
-                row = (np.linalg.inv(dst) @ src)[2]
-                ijk = np.indices(spatial, dtype=np.float32)
-                z = row[0] * ijk[0] + row[1] * ijk[1] + row[2] * ijk[2] + row[3]
-                for zc in zs:
-                    steered |= np.abs(z - zc) <= self.reach + 0.5
-            inside = roi_mask(d.get("roi"), spatial)
-            if inside is not None:
-                steered &= inside
+            steered = steered_region(d["guidance"], src, dst, spatial, self.reach, d.get("roi"))
             fg = np.where(steered, fg, base)
             logger.info(f"Med-URWKV-Edit: {int(steered.sum())} voxel(s) steered; the segmentation sent kept elsewhere")
         for name, points in d["edit_clicks"].items():
@@ -173,6 +224,36 @@ class EditResultd(MapTransform):
             raise BadInput(f"'label_info' gives no integer id for '{self.target}'") from None
 
 
+class EditRefined(MapTransform):
+    """Before ``AsDiscreted``: :func:`refine_edit` on the probabilities ``keys`` (2 channels, image grid), replaced by
+    the refined one-hot result. ``refine_options``: ``ClickRefined``'s (the app's ``--conf click_*`` through
+    :func:`~lib.infers.clicks.refine_defaults`, and the bundle's intensity percentiles), as ``medurwkv_clicks``."""
+
+    def __init__(self, keys: str, reach: int, **refine_options: Any):
+        super().__init__(keys)
+        self.reach = reach
+        self.refiner = ClickRefined(keys=keys, **refine_options)  # its parameters and image reader, not a copy
+
+    def __call__(self, data):
+        d = dict(data)
+        key = self.keys[0]
+        prob = d[key]
+        if not any(d["edit_clicks"].values()):
+            return d  # the automatic mode
+        arr = prob.detach().cpu().float().numpy() if torch.is_tensor(prob) else np.asarray(prob, np.float32)
+        if arr.shape[0] != 2:
+            raise BadInput(f"interactive correction needs a 2-class model, this one has {arr.shape[0]} classes")
+        spatial = arr.shape[1:]
+        src, dst, _ = d["edit_grid"]
+        steered = steered_region(d["guidance"], src, dst, spatial, self.reach, d.get("roi"))
+        label, info = refine_edit(arr, d["edit_clicks"], steered, _spacing(prob, len(spatial)),
+                                  lambda: self.refiner._image(d, spatial), self.refiner._params(d))
+        out = np.stack([~label, label]).astype(arr.dtype)
+        d[key] = prob.clone().copy_(torch.as_tensor(out)) if torch.is_tensor(prob) else out
+        logger.info(f"Med-URWKV-Edit: graph cut near the clicks, box {info['box']} voxels, {info['changed']} voxel(s) changed")
+        return d
+
+
 class MedURWKVEdit(MedURWKVInfer):
     """The click-guided Med-URWKV-Edit (type ``deepedit``; see the module docstring).
 
@@ -180,7 +261,8 @@ class MedURWKVEdit(MedURWKVInfer):
         runtime: the model's runtime; this task runs on its :meth:`~lib.runtime.ModelRuntime.variant` with
             ``configs/inference_edit.json`` and ``models/edit/model.pt`` (its own network; the same request budget
             and device locks).
-        conf: as the runtime's (``prob_cache`` also sets how many volumes' automatic logits are kept).
+        conf: as the runtime's (``prob_cache`` also sets how many volumes' automatic logits are kept; ``click_*``
+            the graph cut after the network, as for ``medurwkv_clicks``).
     """
 
     def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
@@ -189,6 +271,7 @@ class MedURWKVEdit(MedURWKVInfer):
         self.label_names = dict(self.runtime.parsed("edit_label_names"))
         self.labels = self.label_names  # Slicer sends one click list per name, "background" included
         self.type = InferType.DEEPEDIT
+        self.refine_defaults = refine_defaults(conf)  # the graph cut after the network: as medurwkv_clicks
         self._auto_logits = ProbabilityCache(max(1, int(conf.get("prob_cache", "2"))), int(float(conf.get("prob_cache_mb", "1024")) * 2**20))
         self.description = (
             "Med-URWKV-Edit: the network takes foreground/background clicks (one list per label name) and "
@@ -219,7 +302,10 @@ class MedURWKVEdit(MedURWKVInfer):
         if at is None:
             raise RuntimeError("the bundle's postprocessing has no AsDiscreted(argmax) step")
         target = next((n for n in self.label_names if n != "background"), "")
-        transforms.insert(at + 1, EditResultd(self.output_label_key, self._guidance_transform().reach, target))
+        reach = self._guidance_transform().reach
+        transforms.insert(at + 1, EditResultd(self.output_label_key, reach, target))
+        transforms.insert(at, EditRefined(self.output_label_key, reach, percentiles=self.runtime.intensity_percentiles(),
+                                          **self.refine_defaults))
         return transforms
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
