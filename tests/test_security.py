@@ -402,3 +402,41 @@ def test_killed_server_restarted_refuses_training_while_the_orphan_runs(trained)
     assert started["status"] in ("SUBMITTED", "RUNNING")
     wait_for(lambda: _train_status(c).get("status") == "RUNNING", 60, "the new training")
     c.client.train_stop()
+
+
+def test_concurrent_wrong_passwords_do_not_pass_the_throttle(tmp_path, monkeypatch):
+    """The throttle was checked before bcrypt (~0.2 s) and counted after it: 20 guesses sent at once (the server
+    checks up to 40 logins in parallel) all passed the check, so each lock let a burst of guesses through, not 5."""
+    import threading
+
+    from label_server import APP
+
+    auth = load_app_module("app_auth_race", APP / "lib" / "auth.py")
+    auth.add_user(str(tmp_path / "users.json"), "admin", PASSWORD, "admin")
+    local = auth.LocalAuth(str(tmp_path / "users.json"))
+    checked = []
+    slow_checkpw = auth.bcrypt.checkpw
+
+    def checkpw(password, stored):  # every guess that reaches the password check is one the throttle let through
+        checked.append(1)
+        time.sleep(0.3)
+        return slow_checkpw(password, stored)
+
+    monkeypatch.setattr(auth.bcrypt, "checkpw", checkpw)
+    answers, start = [], threading.Barrier(20)
+
+    def guess(i):
+        start.wait()
+        try:
+            answers.append(local.login("admin", f"guess number {i}"))
+        except auth.LoginLocked:
+            answers.append("locked")
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(checked) == auth.LoginThrottle.FREE and answers.count("locked") == 20 - auth.LoginThrottle.FREE
+    with pytest.raises(auth.LoginLocked):
+        local.login("admin", PASSWORD)

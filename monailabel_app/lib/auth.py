@@ -30,6 +30,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, Optional
 
@@ -102,6 +103,7 @@ class LoginThrottle:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.failures: Dict[str, list] = {}  # name -> [failures in a row, locked until]
+        self._lock = threading.Lock()  # logins are checked in parallel (FastAPI's thread pool)
 
     def check(self, name: str) -> None:
         entry = self.failures.get(name)
@@ -117,7 +119,15 @@ class LoginThrottle:
             entry[1] = self.clock() + min(self.MAX_S, self.FIRST_S * 2 ** (entry[0] - self.FREE))
 
     def succeeded(self, name: str) -> None:
-        self.failures.pop(name, None)
+        with self._lock:
+            self.failures.pop(name, None)
+
+    def attempt(self, name: str) -> None:
+        """Check and count one login attempt as a failure at once, before the password is checked (a correct one
+        then calls :meth:`succeeded`): guesses sent in parallel cannot all pass the check before any is counted."""
+        with self._lock:
+            self.check(name)
+            self.failed(name)
 
 
 class LocalAuth:
@@ -154,7 +164,7 @@ class LocalAuth:
     def login(self, username: str, password: str) -> Optional[str]:
         """A signed token for valid credentials, else None; :class:`LoginLocked` while the name is throttled.
         The file is read each time: edits need no restart."""
-        self.throttle.check(username)
+        self.throttle.attempt(username)  # counted as a failure until the password is found right
         users = read_users(self.users_path)
         entry = users.get(username)
         stored = entry["hash"].encode() if entry else self._dummy
@@ -163,7 +173,6 @@ class LocalAuth:
         except ValueError:
             ok = False
         if not (ok and entry):
-            self.throttle.failed(username)
             return None
         self.throttle.succeeded(username)
         now = int(time.time())
