@@ -440,3 +440,20 @@ def test_concurrent_wrong_passwords_do_not_pass_the_throttle(tmp_path, monkeypat
     assert len(checked) == auth.LoginThrottle.FREE and answers.count("locked") == 20 - auth.LoginThrottle.FREE
     with pytest.raises(auth.LoginLocked):
         local.login("admin", PASSWORD)
+
+
+def test_a_spray_of_other_names_does_not_unlock_a_name():
+    """The throttle keeps at most MAX_NAMES names and dropped the oldest: the name being guessed, locked first,
+    was forgotten after that many wrong logins for made-up names, and its guessing could start again."""
+    from label_server import APP
+
+    auth = load_app_module("app_auth_spray", APP / "lib" / "auth.py")
+    throttle = auth.LoginThrottle(clock=lambda: 0.0)
+    throttle.MAX_NAMES = 50
+    for _ in range(throttle.FREE):
+        throttle.failed("admin")
+    for i in range(3 * throttle.MAX_NAMES):
+        throttle.failed(f"made-up-{i}")
+    assert len(throttle.failures) <= throttle.MAX_NAMES
+    with pytest.raises(auth.LoginLocked):
+        throttle.check("admin")

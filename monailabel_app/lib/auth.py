@@ -112,7 +112,10 @@ class LoginThrottle:
 
     def failed(self, name: str) -> None:
         if name not in self.failures and len(self.failures) >= self.MAX_NAMES:  # bounded memory under a spray
-            self.failures.pop(next(iter(self.failures)))
+            # the oldest name that is not locked now: a spray of made-up names must not unlock the one being guessed
+            now = self.clock()
+            unlocked = next((n for n, (_, until) in self.failures.items() if until <= now), None)
+            self.failures.pop(unlocked if unlocked is not None else next(iter(self.failures)))
         entry = self.failures.setdefault(name, [0, 0.0])
         entry[0] += 1
         if entry[0] >= self.FREE:
