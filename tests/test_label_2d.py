@@ -14,6 +14,8 @@ rows and columns changes the shape and a flip changes most pixels.
 from __future__ import annotations
 
 import json
+import tempfile
+import types
 import shutil
 import struct
 import time
@@ -338,3 +340,40 @@ def test_training_on_submitted_2d_labels_writes_weights_that_inference_reloads(c
         from medurwkv.checkpoint import save_weights
 
         save_weights(ctx.net.state_dict(), weights)
+
+
+def test_label_pngs_of_a_killed_2d_training_are_removed_by_the_next_one(tmp_path, monkeypatch):
+    """Stop Training (DELETE /train/) kills the training process: its ``finally`` never ran, so every stopped 2D
+    training left its folder of label masks (patient data) in the temporary folder for good. The next training,
+    holding the training lock, removes what a killed one left."""
+    import SimpleITK as sitk
+
+    monkeypatch.syspath_prepend(str(ROOT / "monailabel_app"))
+    from lib.trainers import medurwkv as train3d
+    from lib.trainers import medurwkv2d
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    bundle = tmp_path / "bundle2d"
+    shutil.copytree(BUNDLE2D, bundle, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__", "*.pt"))
+    image = MNI / "images" / "mni152_2009a_z040.png"
+    label = tmp_path / "label.nrrd"
+    sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(MNI / "labels" / "mni152_2009a_z040.png"))), str(label))
+    datastore = types.SimpleNamespace(datalist=lambda: [{"image": str(image), "label": str(label)}])
+    written = []
+
+    def training(self, request, datastore):  # as far as a training gets before it is stopped
+        written.extend(d["label"] for d in self._fetch_datalist(request, datastore))
+        return {}
+
+    monkeypatch.setattr(train3d.BundleTrainTask, "__call__", training)
+    monkeypatch.setattr(train3d.MedURWKVTrain, "check_request", lambda self, request: request)
+    trainer = medurwkv2d.MedURWKV2dTrain(str(bundle), {})
+    with monkeypatch.context() as killed:  # kill -9: no cleanup ran
+        killed.setattr(medurwkv2d.shutil, "rmtree", lambda *a, **k: None)
+        trainer({"model": MODEL_2D}, datastore)
+    assert Path(written[0]).is_file()
+    trainer({"model": MODEL_2D}, datastore)
+    assert not Path(written[0]).exists() and not Path(written[1]).exists()
+    left = [p for p in list(tmp_path.rglob("*.png")) if "bundle2d" in str(p) or "tmp" in p.parts]
+    assert not left, left

@@ -7,8 +7,9 @@ bundle's. What differs:
 * **Its images.** Only the datastore's PNG/JPEG images with a final label (the 3D trainer takes only volumes).
 * **Its labels.** 3D Slicer submits the label of a 2D image as a one-slice volume (``.nrrd`` / ``.nii.gz``) on the
   image's grid (checked when it was saved, ``lib/image2d.py``); the bundle's loader (``LoadImage2dd``) reads
-  PNG/JPEG. Such labels are written, for the run only, as ``W x H`` index-mask PNGs in a temporary folder
-  (removed when the training ends); PNG labels are used as they are.
+  PNG/JPEG. Such labels are written, for the run only, as ``W x H`` index-mask PNGs in a hidden folder next to
+  the weights (``.train2d_labels``, removed when the training ends, and at the next start when Stop Training
+  killed the process); PNG labels are used as they are.
 * ``--conf`` keys of its own: ``max_epochs2d`` (default: the bundle's ``epochs``) and ``pretrained_encoder2d``
   (a 3-channel encoder; default ``bundle2d/models/pretrained_encoder.pt`` when present). ``val_split`` is shared.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Dict
 
 import numpy as np
@@ -41,6 +41,9 @@ class MedURWKV2dTrain(MedURWKVTrain):
 
     def _fetch_datalist(self, request, datastore):
         datalist = super()._fetch_datalist(request, datastore)
+        # the training lock is held here: what a killed training (Stop Training kills it) left is no one's
+        self._labels_dir = os.path.join(os.path.dirname(self.weights_path), ".train2d_labels")
+        shutil.rmtree(self._labels_dir, ignore_errors=True)
         return [dict(d, label=self._png_label(d["image"], d["label"], i)) for i, d in enumerate(datalist)]
 
     def _png_label(self, image: str, label: str, index: int) -> str:
@@ -56,14 +59,15 @@ class MedURWKV2dTrain(MedURWKVTrain):
             array = array[0]
         if array.shape != (height, width):
             raise BadInput(f"A final label has shape {list(array.shape)}; its 2D image is {width} x {height} pixels.")
-        os.makedirs(self._labels_dir, exist_ok=True)
+        os.makedirs(self._labels_dir, mode=0o700, exist_ok=True)
         out = os.path.join(self._labels_dir, f"label{index}.png")
         write_mask_2d(array.T.astype(np.int64), image, out)
         return out
 
     def __call__(self, request, datastore):
-        self._labels_dir = tempfile.mkdtemp(prefix="medurwkv2d-labels-")
+        self._labels_dir = ""
         try:
             return super().__call__(request, datastore)
         finally:
-            shutil.rmtree(self._labels_dir, ignore_errors=True)
+            if self._labels_dir:  # set once the training lock is held
+                shutil.rmtree(self._labels_dir, ignore_errors=True)
