@@ -194,3 +194,32 @@ def test_graph_cut_after_the_network_is_the_clicks_tasks_inside_the_steered_regi
     boxed = steered_region({"brain": [click]}, affine, affine, shape, reach=0, roi=roi)
     label, _ = refine_edit(prob, {"brain": [click], "background": []}, boxed, spacing, lambda: image, opt)
     assert np.array_equal(label, network)
+
+
+def test_steered_region_is_every_voxel_within_reach_of_a_clicked_slice_on_the_network_grid():
+    """steered_region finds each voxel's nearest clicked slice in one pass; the same voxels as the definition
+    (|z - z_click| <= reach + 0.5 for some click, z the voxel's slice on the network's grid), for an oblique grid,
+    clicks on many slices, one slice, and none."""
+    import sys
+    from pathlib import Path
+
+    app = str(Path(__file__).resolve().parents[1] / "monailabel_app")
+    sys.path.insert(0, app)
+    try:
+        from lib.infers.edit import steered_region
+    finally:
+        sys.path.remove(app)
+    shape = (20, 18, 30)
+    src = np.array([[1.0, 0.1, 0.0, -3.0], [0.0, 0.9, 0.2, 2.0], [0.05, 0.0, 1.1, 1.5], [0, 0, 0, 1]])  # image grid
+    dst = np.diag([2.0, 2.0, 2.0, 1.0])  # network grid
+    z = (np.linalg.inv(dst) @ src)[2] @ np.concatenate([np.indices(shape).reshape(3, -1), np.ones((1, np.prod(shape)))])
+    z = z.reshape(shape)
+    rng = np.random.default_rng(0)
+    for slices in (sorted(rng.choice(np.arange(-2, 20), 7, replace=False).tolist()), [4], []):
+        clicks = {"brain": [[3, 4, s] for s in slices[::2]], "background": [[1, 1, s] for s in slices[1::2]]}
+        for reach in (0, 2, 6):
+            want = np.zeros(shape, bool)
+            for s in slices:
+                want |= np.abs(z - s) <= reach + 0.5
+            got = steered_region(clicks, src, dst, shape, reach)
+            assert np.array_equal(got, want), (slices, reach)
