@@ -205,6 +205,21 @@ def test_uncertainty_scoring_scores_volumes_and_leaves_2d_images_to_their_model(
     assert summary["total"] == summary["executed"] == 1 and summary["scores"] == {"head": 0.25} and not summary["failed"]
 
 
+def test_cuda_and_cuda_0_are_one_device_with_one_lock(tmp_path, monkeypatch):
+    """'cuda' (what Slicer's default sends) and 'cuda:0' name the same GPU: one lock, one network copy, so two
+    requests never run batches on one GPU at once; other GPUs and the CPU keep their own."""
+    import torch
+
+    _, config = _model_config(tmp_path)
+    runtime = config.runtime
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert runtime.device_key("cuda") == runtime.device_key("cuda:0") == "cuda:0"
+    assert runtime.device_lock("cuda") is runtime.device_lock("cuda:0")
+    assert runtime.device_lock("cuda:1") is not runtime.device_lock("cuda:0")
+    assert runtime.device_lock("cpu") is not runtime.device_lock("cuda") and runtime.device_key("cpu") == "cpu"
+
+
 def test_tasks_share_one_runtime_that_reloads_changed_weights(tmp_path):
     """The infer, click and scribble tasks of the model run on its one runtime: one network in memory, reloaded
     when the weights file changes; the MC-dropout scorer has its own network (dropout on) under the same request

@@ -307,10 +307,23 @@ class ModelRuntime:
             network.eval()
         return network
 
+    @staticmethod
+    def device_key(device: Any) -> str:
+        """One name per device: ``cuda`` is the current CUDA device's ``cuda:N`` (so ``cuda`` and ``cuda:0`` share a
+        lock and a network copy), ``cpu`` stays ``cpu``."""
+        try:
+            d = torch.device(device)
+        except (RuntimeError, TypeError):  # not a device name: its own key (the option allow-list refuses these)
+            return str(device)
+        if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device())
+        return str(d)
+
     def network(self, device: str) -> torch.nn.Module:
         """The network loaded from the current weights file on ``device`` (reloaded when the file changed); 409
         without weights, 500 naming the keys when they do not fit."""
         path = self.weights_path
+        device = self.device_key(device)
         for attempt in range(2):
             stamp = file_stamp(path)
             if stamp is None:
@@ -339,13 +352,13 @@ class ModelRuntime:
     def loaded_stamp(self, device: Any) -> Optional[Tuple]:
         """The stamp (mtime_ns, size, ...) of the weights file the network on ``device`` was loaded from; None when
         none is loaded there."""
-        cached = self._networks.get(device)
+        cached = self._networks.get(self.device_key(device)) if device is not None else None
         return cached[1] if cached else None
 
     def device_lock(self, device: Any) -> threading.Lock:
         """The lock to hold while running a network on ``device`` (one batch at a time per device)."""
         with self._device_locks_guard:
-            return self._device_locks.setdefault(str(device), threading.Lock())
+            return self._device_locks.setdefault(self.device_key(device), threading.Lock())
 
     def default_device(self) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
