@@ -15,7 +15,8 @@ local user file instead, which a small team can run without another server:
   that name is refused with 429 and ``Retry-After`` for 30 s, doubling with each further failure up to 15 min;
   a correct login resets it. The wait applies to the name, not the caller (every caller is 127.0.0.1 here);
 * roles: ``annotator`` (the default: segment, label, sessions, Next Sample, train) or ``admin`` (also what
-  loses data or changes the server: deleting images and labels, ``/reload``), set with ``add-user --role``.
+  loses data, changes the server or hands out what was learnt from the studies: deleting images and labels,
+  ``/reload``, ``/logs/``, ``GET /model/...``), set with ``add-user --role``.
   An entry without a role is an annotator. The server's own processes act as admin.
 
 The check itself is the request guard in ``lib/server.py``; this module holds the user file and the tokens.

@@ -449,7 +449,7 @@ class RequestGuard:
             if path == "/auth/token/valid":
                 return await _json(200, {"username": user})(scope, receive, send)
             if self.admin_only(scope["method"], path) and self.auth.role(user) != "admin":
-                return await _json(403, {"detail": "Only an admin user may do this (deleting images or labels, reload)."})(
+                return await _json(403, {"detail": "Only an admin user may do this (deleting images or labels, reload, logs, weights)."})(
                     scope, receive, send
                 )
         elif path == "/auth/token/valid":
@@ -458,8 +458,15 @@ class RequestGuard:
 
     @staticmethod
     def admin_only(method: str, path: str) -> bool:
-        """What loses data or changes the server (``lib/auth.py``, roles)."""
-        return (method == "DELETE" and path.rstrip("/").startswith("/datastore")) or path.rstrip("/") == "/reload"
+        """What loses data, changes the server or hands out what was learnt from the studies (``lib/auth.py``,
+        roles): what monailabel's own RBAC also reserves for admins."""
+        p = path.rstrip("/")
+        return (
+            (method == "DELETE" and p.startswith("/datastore"))
+            or p == "/reload"
+            or p in ("/logs", "/model")
+            or p.startswith(("/logs/", "/model/"))
+        )
 
     def _user(self, headers) -> Optional[str]:
         scheme, _, token = headers.get("authorization", "").partition(" ")
