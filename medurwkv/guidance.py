@@ -163,18 +163,15 @@ class SliceOffsetClickGuidanced(AddClickGuidanced, Randomizable):
 
     def __init__(
         self,
-        keys: KeysCollection = "image",
-        label_names: Optional[Mapping[str, int]] = None,
-        guidance: str = "guidance",
-        sigma: float = 3.0,
-        sigma_slices: float = 1.5,
+        *args: Any,
         max_offset: int = 3,
         offset_probability: float = 0.5,
         offsets: str = "guidance_offsets",
-        number_intensity_ch: int = 1,
-        allow_missing_keys: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(keys, label_names, guidance, sigma, sigma_slices, number_intensity_ch, allow_missing_keys)
+        """``max_offset``, ``offset_probability``, ``offsets``: see the class docstring; the other arguments are
+        :class:`AddClickGuidanced`'s."""
+        super().__init__(*args, **kwargs)
         if not 0 <= int(max_offset) <= self.reach:
             raise ValueError(f"max_offset must be in 0 .. {self.reach} (the guidance's reach), got {max_offset}")
         if not 0.0 <= offset_probability <= 1.0:
@@ -253,6 +250,8 @@ class GuidanceLearningRate:
 
         if not self.weights():
             raise ValueError("GuidanceLearningRate: the network has no input convolution with in_channels weights")
+        if self.factor == 1.0:  # the base learning rate: nothing to rescale, nothing to remember per iteration
+            return
         engine.add_event_handler(Events.ITERATION_STARTED, self._remember)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._scale)
 
@@ -262,7 +261,7 @@ class GuidanceLearningRate:
 
     @torch.no_grad()
     def _scale(self, engine: Any = None) -> None:
-        if self.factor == 1.0 or not self._before:
+        if not self._before:
             return
         for w, before in zip(self.weights(), self._before):
             g = w[:, self.number_intensity_ch :]
