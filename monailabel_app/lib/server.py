@@ -47,6 +47,8 @@ import threading
 from datetime import datetime
 from typing import Dict, Iterable, List, Optional
 
+from .studies import IMAGE_2D_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -747,7 +749,7 @@ def limit_request_body(limits) -> bool:
     return True
 
 
-_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".seg.nrrd", ".zip", ".tar.gz", ".tgz", ".tar", ".png", ".jpg", ".jpeg")  # 2D: lib/image2d.py
+_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".seg.nrrd", ".zip", ".tar.gz", ".tgz", ".tar") + IMAGE_2D_SUFFIXES
 
 
 class _Received:
