@@ -33,10 +33,12 @@ from ..trainers import MedURWKVTrain
 logger = logging.getLogger(__name__)
 
 
-def bundle_candidates(app_dir: str, conf: Dict[str, str]) -> List[str]:
-    if conf.get("bundle"):
-        return [os.path.abspath(os.path.expanduser(conf["bundle"]))]
-    return [os.path.join(app_dir, "model", "bundle"), os.path.abspath(os.path.join(app_dir, os.pardir, "bundle"))]
+def bundle_candidates(app_dir: str, conf: Dict[str, str], key: str = "bundle") -> List[str]:
+    """Where a model's bundle may be, first match wins: ``--conf <key> DIR``, else ``<app>/model/<key>``, else the
+    repository's ``<key>/`` next to the app (``key``: ``bundle``, or ``bundle2d`` for the 2D model)."""
+    if conf.get(key):
+        return [os.path.abspath(os.path.expanduser(conf[key]))]
+    return [os.path.join(app_dir, "model", key), os.path.abspath(os.path.join(app_dir, os.pardir, key))]
 
 
 def find_bundle(app_dir: str, conf: Dict[str, str]) -> str:

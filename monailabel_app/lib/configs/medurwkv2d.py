@@ -15,19 +15,14 @@ its own: the app's ``first`` and ``random`` strategies hand out 2D images as wel
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
 
 from ..infers.medurwkv2d import MedURWKV2dInfer
 from ..runtime import ModelRuntime
+from .medurwkv import bundle_candidates
 from ..trainers.medurwkv2d import MedURWKV2dTrain
-
-
-def bundle2d_candidates(app_dir: str, conf: Dict[str, str]) -> List[str]:
-    if conf.get("bundle2d"):
-        return [os.path.abspath(os.path.expanduser(conf["bundle2d"]))]
-    return [os.path.join(app_dir, "model", "bundle2d"), os.path.abspath(os.path.join(app_dir, os.pardir, "bundle2d"))]
 
 
 def find_bundle2d(app_dir: str, conf: Dict[str, str]) -> Optional[str]:
@@ -35,7 +30,7 @@ def find_bundle2d(app_dir: str, conf: Dict[str, str]) -> Optional[str]:
     an error at start, not a silently missing model."""
     if str(conf.get("bundle2d", "")).lower() in ("false", "none", "off"):
         return None
-    for c in bundle2d_candidates(app_dir, conf):
+    for c in bundle_candidates(app_dir, conf, key="bundle2d"):
         if os.path.isfile(os.path.join(c, "configs", "metadata.json")) and os.path.isfile(
             os.path.join(c, "configs", "inference.json")
         ):
