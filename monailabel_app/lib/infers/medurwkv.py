@@ -231,11 +231,13 @@ class MedURWKVInfer(BasicInferTask):
         if extension is None and not data.get("result_extension") and (not source or os.path.isdir(source)):
             extension = ".nii.gz"  # a DICOM series (folder) has no extension to copy: answer with NIfTI
         file, result = super().writer(data, extension=extension, dtype=dtype or data.get("result_dtype") or "uint8")
+        return file, {**(result or {}), **self.report(data)}
+
+    def report(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """What every answer tells about how it was made: the weights file (and the one the network was loaded
+        from) and whether the network ran (``"probabilities": "cached"``: it did not run again)."""
         weights = weights_state(self.weights_path)
         loaded = self.runtime.loaded_stamp(data.get("device"))
         if loaded:
             weights["loaded_mtime_ns"] = loaded[0]
-        result = dict(result or {})
-        result["weights"] = weights
-        result["probabilities"] = data.get("probabilities", "computed")  # "cached": the network did not run again
-        return file, result
+        return {"weights": weights, "probabilities": data.get("probabilities", "computed")}

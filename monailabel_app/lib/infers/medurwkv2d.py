@@ -30,7 +30,6 @@ import torch
 
 from ..image2d import MASK_EXTENSIONS, read_header_2d, write_mask_2d
 from ..options import Opt
-from ..runtime import weights_state
 from .medurwkv import MedURWKVInfer
 
 
@@ -63,13 +62,4 @@ class MedURWKV2dInfer(MedURWKVInfer):
         fd, out = tempfile.mkstemp(suffix=ext)
         os.close(fd)
         write_mask_2d(mask.astype(np.int64), image_path, out, dtype)
-        weights = weights_state(self.weights_path)
-        loaded = self.runtime.loaded_stamp(data.get("device"))
-        if loaded:
-            weights["loaded_mtime_ns"] = loaded[0]
-        result = {
-            "weights": weights,
-            "probabilities": data.get("probabilities", "computed"),
-            "image_size": {"width": width, "height": height},
-        }
-        return out, result
+        return out, {**self.report(data), "image_size": {"width": width, "height": height}}
