@@ -204,11 +204,13 @@ class EditResultd(MapTransform):
         spatial = arr.shape[-3:]
         fg = arr.reshape(-1, *spatial)[-1] > 0
         src, dst, _ = d["edit_grid"]
+        steered = d.pop("edit_steered", None)  # EditRefined's, when it ran on clicks
         path = uploaded_file(d.get("label"))  # only the segment uploaded with this request, never a path sent
         if path is not None:
             values = np.rint(ClickRefined()._load(path, spatial, "the segmentation sent", src)).astype(np.int64)
             base = values == (1 if values.max() <= 1 else self._target_id(d))
-            steered = steered_region(d["guidance"], src, dst, spatial, self.reach, d.get("roi"))
+            if steered is None or steered.shape != tuple(spatial):
+                steered = steered_region(d["guidance"], src, dst, spatial, self.reach, d.get("roi"))
             fg = np.where(steered, fg, base)
             logger.info(f"Med-URWKV-Edit: {int(steered.sum())} voxel(s) steered; the segmentation sent kept elsewhere")
         for name, points in d["edit_clicks"].items():
@@ -248,7 +250,7 @@ class EditRefined(MapTransform):
             raise BadInput(f"interactive correction needs a 2-class model, this one has {arr.shape[0]} classes")
         spatial = arr.shape[1:]
         src, dst, _ = d["edit_grid"]
-        steered = steered_region(d["guidance"], src, dst, spatial, self.reach, d.get("roi"))
+        steered = d["edit_steered"] = steered_region(d["guidance"], src, dst, spatial, self.reach, d.get("roi"))
         label, info = refine_edit(arr, d["edit_clicks"], steered, _spacing(prob, len(spatial)),
                                   lambda: self.refiner._image(d, spatial), self.refiner._params(d))
         out = np.stack([~label, label]).astype(arr.dtype)
