@@ -468,10 +468,12 @@ class MedURWKVClicks(MedURWKVInfer):
         transforms.insert(at, self.refiner())
         return transforms
 
+    refiner_class = ClickRefined  # the refinement step (MedURWKVScribbles: ScribblesRefined)
+
     def refiner(self) -> ClickRefined:
         target = next(iter(self.labels), "") if isinstance(self.labels, dict) else ""
-        return ClickRefined(keys=self.key_pred, target=target, percentiles=self.runtime.intensity_percentiles(),
-                            **self.refine_defaults)
+        return self.refiner_class(keys=self.key_pred, target=target, percentiles=self.runtime.intensity_percentiles(),
+                                  **self.refine_defaults)
 
     def __call__(self, request, callbacks=None):
         parse_clicks(request)  # malformed click lists fail before the volume is segmented
@@ -485,6 +487,8 @@ class MedURWKVScribbles(MedURWKVClicks):
     :class:`ScribblesRefined` (``roi_margin_mm``, ``click_spread_mm``, ``lamda``, ``sigma`` as for clicks).
     """
 
+    refiner_class = ScribblesRefined
+
     def __init__(self, runtime: ModelRuntime, conf: Dict[str, str]):
         super().__init__(runtime, conf)
         self.type = InferType.SCRIBBLES
@@ -494,11 +498,6 @@ class MedURWKVScribbles(MedURWKVClicks):
             "Med-URWKV with scribble-guided correction: foreground/background strokes correct the segmentation "
             "near them (ISeg unary + graph cut on the network's probabilities); the rest of it is kept."
         )
-
-    def refiner(self):
-        target = next(iter(self.labels), "") if isinstance(self.labels, dict) else ""
-        return ScribblesRefined(keys=self.key_pred, target=target, percentiles=self.runtime.intensity_percentiles(),
-                                **self.refine_defaults)
 
     def __call__(self, request, callbacks=None):
         return MedURWKVInfer.__call__(self, request, callbacks)  # no click lists to check up front
