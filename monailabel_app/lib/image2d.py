@@ -145,7 +145,7 @@ def check_image_2d_file(path: str, limits: Limits, desc: Optional[str] = None) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=("PNG", "JPEG")) as im:  # the formats the header check recognised
                 if im.size != (width, height):
                     raise BadInput(
                         f"{_sentence(what)} declares two sizes ({width} x {height} and {im.size[0]} x {im.size[1]})."
