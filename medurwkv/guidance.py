@@ -49,6 +49,7 @@ __all__ = [
     "AddClickGuidanced",
     "RandomClickGuidanced",
     "SliceOffsetClickGuidanced",
+    "RandBoundaryShiftd",
     "GuidanceLearningRate",
     "ExtraInputChannelsLoader",
     "load_with_extra_input_channels",
@@ -212,6 +213,86 @@ class SliceOffsetClickGuidanced(AddClickGuidanced, Randomizable):
             image = np.array(image)
             image[self.number_intensity_ch :] = signal.numpy()
         d["image"] = image
+        return d
+
+
+class RandBoundaryShiftd(Randomizable, MapTransform):
+    """Move a binary label's boundary by a few voxels inside a random disk: the training errors clicks can fix.
+
+    A click-guided network fine-tuned on volumes it already fits sees almost no errors at training, so MONAI's
+    click simulation has nothing to click on and the network learns to ignore its guidance channels. Yet the
+    errors left on an unseen head are mostly such boundary offsets: a mask drawn by another protocol or annotator
+    that lies 1-3 voxels outside (or inside) the network's on part of the brain (a thin shell, no voxel deeper
+    than ~3 voxels). With probability ``prob`` this transform makes one: the label is dilated (``shift`` > 0) or
+    eroded (< 0) by ``|shift|`` voxels (MONAI's ``dilate``/``erode``, a ``2|shift|+1`` square), ``shift`` uniform in
+    ``+-1 .. +-max_shift``, and the result kept inside a disk centred on a random boundary voxel of radius
+    uniform in ``radius`` (voxels; the whole slice with probability ``whole_probability``). The image is not
+    changed, so the automatic mode cannot predict the shift; the simulated clicks fall on it (the discrepancy) and
+    tell the network which way, and how far around the click, to move its boundary. Shifts are symmetric, so the
+    automatic mode's expected target stays the original boundary.
+
+    Works on channel-first 2D labels ``(1, H, W)`` with values 0/1 (the training slices).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        prob: float = 0.5,
+        max_shift: int = 3,
+        radius: Sequence[float] = (12.0, 40.0),
+        whole_probability: float = 0.2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if not 0.0 <= prob <= 1.0 or not 0.0 <= whole_probability <= 1.0:
+            raise ValueError(f"prob and whole_probability must be in [0, 1], got {prob} and {whole_probability}")
+        if int(max_shift) < 1:
+            raise ValueError(f"max_shift must be >= 1, got {max_shift}")
+        lo, hi = (float(r) for r in radius)
+        if not 0 < lo <= hi:
+            raise ValueError(f"radius must be (low, high) with 0 < low <= high, got {radius}")
+        self.prob, self.max_shift, self.radius, self.whole_probability = float(prob), int(max_shift), (lo, hi), float(whole_probability)
+
+    def randomize(self, data: Any = None) -> None:  # the draws are made per call, on the label's own boundary
+        pass
+
+    @staticmethod
+    def shifted(label: torch.Tensor, shift: int) -> torch.Tensor:
+        """``label`` (``(1, H, W)``, 0/1) dilated (``shift`` > 0) or eroded (< 0) by a ``2|shift|+1`` square."""
+        from monai.transforms.utils_morphological_ops import dilate, erode
+
+        size = 2 * abs(int(shift)) + 1
+        out = (dilate if shift > 0 else erode)(label[None].float(), size)
+        return (out[0] > 0.5).to(label.dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if label.ndim != 3 or label.shape[0] != 1:
+                raise ValueError(f"RandBoundaryShiftd needs a (1, H, W) label, got shape {tuple(label.shape)}")
+            if self.R.rand() >= self.prob:
+                continue
+            t = torch.as_tensor(np.asarray(label) if not torch.is_tensor(label) else label)
+            if not bool(((t == 0) | (t == 1)).all()):
+                raise ValueError("RandBoundaryShiftd needs a 0/1 label")
+            shift = int(self.R.randint(1, self.max_shift + 1)) * (1 if self.R.rand() < 0.5 else -1)
+            moved = self.shifted(t, shift)
+            edge = torch.nonzero(moved != t)
+            if len(edge) == 0:  # an empty slice (nothing to grow) or a label the erosion leaves as it was
+                continue
+            if self.R.rand() >= self.whole_probability:
+                _, cy, cx = (int(v) for v in edge[self.R.randint(len(edge))])
+                r = self.R.uniform(*self.radius)
+                yy, xx = torch.meshgrid(torch.arange(t.shape[1]), torch.arange(t.shape[2]), indexing="ij")
+                inside = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)[None]
+                moved = torch.where(inside, moved, t)
+            if torch.is_tensor(label):
+                out = label.clone()
+                out[...] = moved.to(label.dtype)
+            else:
+                out = moved.numpy().astype(np.asarray(label).dtype)
+            d[key] = out
         return d
 
 

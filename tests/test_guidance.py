@@ -149,9 +149,11 @@ def test_edit_configs_merge_on_top_of_the_base_configs():
     # training slices: the same encoding, with clicks also seen from neighbouring slices (SliceOffsetClickGuidanced)
     train_guidance = train.get_parsed_content("edit_guidance_train")
     assert type(train_guidance).__name__ == "SliceOffsetClickGuidanced" and train_guidance.reach == 6
-    assert train["train#random_transforms"][-1] == "@edit_guidance_train"
+    assert train["train#random_transforms"][-2:] == ["@edit_boundary_shift", "@edit_guidance_train"]
+    shift = train.get_parsed_content("edit_boundary_shift")  # label errors to click on, after the crop to slices
+    assert type(shift).__name__ == "RandBoundaryShiftd" and shift.keys == ("label",) and shift.max_shift == 3
     assert train["edit_click_transforms"][-1] == "@edit_guidance_train"
-    assert "RandCropByPosNegLabeld" in [t.get("_target_") for t in train["train#random_transforms"][:-1]]
+    assert "RandCropByPosNegLabeld" in [t.get("_target_") for t in train["train#random_transforms"][:-2]]
     assert train["train#handlers"][-1]["_target_"] == "medurwkv.guidance.GuidanceLearningRate"
 
 
@@ -216,3 +218,50 @@ def test_guidance_learning_rate_is_a_param_group_with_factor_times_the_rate_on_t
         opt_b.step()
     torch.testing.assert_close(net.conv.weight[:, :1], w_img, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(net.conv.weight[:, 1:], w_gui, atol=1e-6, rtol=1e-5)
+
+
+def test_boundary_shift_moves_the_label_by_the_drawn_distance_inside_the_disk_only():
+    """RandBoundaryShiftd (train_edit.json): the training errors clicks can fix. Checked against scipy's
+    chessboard distance: the shifted label is every voxel within |shift| of the label (dilation) or of the
+    background (erosion), inside a disk around a boundary voxel; nothing changes outside it; prob 0 is a no-op;
+    both directions are drawn; the image is not touched."""
+    from scipy import ndimage as ndi
+
+    from medurwkv.guidance import RandBoundaryShiftd
+
+    yy, xx = np.mgrid[:64, :64]
+    disk = ((yy - 32) ** 2 + (xx - 30) ** 2 <= 18**2).astype(np.float32)
+    label = torch.as_tensor(disk[None])
+    out_dist = ndi.distance_transform_cdt(disk == 0, metric="chessboard")  # distance to the label, outside it
+    in_dist = ndi.distance_transform_cdt(disk > 0, metric="chessboard")  # distance to the background, inside it
+
+    assert torch.equal(RandBoundaryShiftd(prob=0.0)({"label": label})["label"], label)
+    whole = RandBoundaryShiftd(prob=1.0, max_shift=3, whole_probability=1.0)
+    local = RandBoundaryShiftd(prob=1.0, max_shift=3, radius=(8, 8), whole_probability=0.0)
+    signs = set()
+    for seed in range(12):
+        for t in (whole, local):
+            t.set_random_state(seed)
+            image = torch.rand(1, 64, 64)
+            d = t({"label": label, "image": image})
+            assert d["image"] is image
+            new = d["label"][0].numpy()
+            changed = new != disk
+            assert changed.any()
+            grew = bool(new[changed].max() == 1)
+            assert (new[changed] == (1 if grew else 0)).all()  # one direction per draw
+            signs.add(grew)
+            dist = (out_dist if grew else in_dist)[changed]
+            shift = int(dist.max())
+            assert 1 <= shift <= 3
+            ref = (out_dist <= shift) & (out_dist > 0) if grew else (in_dist <= shift) & (in_dist > 0)
+            if t is whole:
+                np.testing.assert_array_equal(changed, ref)
+            else:  # inside one disk of radius 8 around a boundary voxel: changed voxels span at most 16 + 1
+                ys, xs = np.nonzero(changed)
+                assert ys.ptp() <= 16 and xs.ptp() <= 16
+                assert changed.sum() < ref.sum()
+                assert not (changed & ~ref).any()
+    assert signs == {True, False}
+    with pytest.raises(ValueError, match="0/1"):
+        RandBoundaryShiftd(prob=1.0)({"label": label * 2})
