@@ -169,6 +169,21 @@ def test_configs_agree_on_the_network():
     assert "dropout" in cfg["train"]["network_def"]  # MONAI Label's epistemic scoring sets it
 
 
+
+@pytest.mark.parametrize("bundle", ["bundle", "bundle2d"])
+def test_seed_override_sets_the_random_state_the_run_starts_from(bundle):
+    """`--seed N` (train.json's `seed`, 123 by default) is what `initialize` seeds numpy and torch with."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / bundle / "configs" / "train.json"))
+    assert parser["seed"] == 123
+    for seed in (123, 7):
+        parser["seed"] = seed
+        parser.get_parsed_content("initialize#0", lazy=False)
+        assert np.random.rand() == np.random.RandomState(seed).rand()
+        assert torch.initial_seed() == seed
+
 def test_logging_conf_passes_monai_allowlist():
     from monai.bundle.workflows import _apply_logging_file
 
