@@ -239,8 +239,8 @@ class RandBoundaryShiftd(Randomizable, MapTransform):
         keys: KeysCollection = "label",
         prob: float = 0.5,
         max_shift: int = 3,
-        radius: Sequence[float] = (12.0, 40.0),
-        whole_probability: float = 0.2,
+        radius: Sequence[float] = (20.0, 60.0),
+        whole_probability: float = 0.5,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
