@@ -23,10 +23,12 @@ finds where it is wrong and :class:`RandomClickGuidanced` (``AddRandomGuidanceDe
 errors, up to ``max_interactions`` rounds; with probability ``1 - deepgrow_probability`` an iteration has no
 clicks (automatic mode). The first weights are the automatic model's (:class:`ExtraInputChannelsLoader`: the
 image channel's stem weights copied, the guidance channels' set to zero, so training starts from exactly the
-automatic segmentation). Two additions make the network see what inference gives it and learn to use it: the
-training slices' clicks are encoded as from neighbouring slices too (:class:`SliceOffsetClickGuidanced`: the
-weaker guidance a click shows within its reach), and the guidance channels' input weights, which start at zero,
-learn faster than the rest (:class:`GuidanceLearningRate`).
+automatic segmentation). Three additions make the network see what inference gives it and learn to use it:
+the training slices' clicks are encoded as from neighbouring slices too (:class:`SliceOffsetClickGuidanced`:
+the weaker guidance a click shows within its reach), the guidance channels' input weights, which start at zero,
+learn faster than the rest (:class:`GuidanceLearningRate`), and the training labels' boundaries are moved a few
+voxels where the image does not show it (:class:`RandBoundaryShiftd`), so that the simulation finds errors to
+click on in a volume the network already fits.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .checkpoint import CheckpointError, load_weights
 __all__ = [
     "guidance_reach",
     "guidance_points",
+    "signed_draw",
     "AddClickGuidanced",
     "RandomClickGuidanced",
     "SliceOffsetClickGuidanced",
@@ -64,6 +67,11 @@ GAUSSIAN_TRUNCATED = 4.0  # monai.networks.layers.GaussianFilter's default trunc
 def guidance_reach(sigma_slices: float) -> int:
     """How many slices on each side of a click its guidance reaches (``GaussianFilter``'s kernel tail)."""
     return int(max(float(sigma_slices) * GAUSSIAN_TRUNCATED, 0.5) + 0.5)
+
+
+def signed_draw(rng: np.random.RandomState, largest: int) -> int:
+    """A non-zero integer uniform in ``-largest .. -1`` and ``1 .. largest`` from ``rng`` (a transform's ``R``)."""
+    return int(rng.randint(1, int(largest) + 1)) * (1 if rng.rand() < 0.5 else -1)
 
 
 def guidance_points(value: Any) -> List[List[int]]:
@@ -182,7 +190,7 @@ class SliceOffsetClickGuidanced(AddClickGuidanced, Randomizable):
     def _offset(self) -> int:
         if self.max_offset == 0 or self.R.rand() >= self.offset_probability:
             return 0
-        return int(self.R.randint(1, self.max_offset + 1)) * (1 if self.R.rand() < 0.5 else -1)
+        return signed_draw(self.R, self.max_offset)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = super().__call__(data)  # checks, JSON guidance, label_names; the own-slice encoding
@@ -217,21 +225,23 @@ class SliceOffsetClickGuidanced(AddClickGuidanced, Randomizable):
 
 
 class RandBoundaryShiftd(Randomizable, MapTransform):
-    """Move a binary label's boundary by a few voxels inside a random disk: the training errors clicks can fix.
+    """Move a binary label's boundary by a few voxels, where the image does not show it: errors clicks can fix.
 
     A click-guided network fine-tuned on volumes it already fits sees almost no errors at training, so MONAI's
     click simulation has nothing to click on and the network learns to ignore its guidance channels. Yet the
     errors left on an unseen head are mostly such boundary offsets: a mask drawn by another protocol or annotator
-    that lies 1-3 voxels outside (or inside) the network's on part of the brain (a thin shell, no voxel deeper
-    than ~3 voxels). With probability ``prob`` this transform makes one: the label is dilated (``shift`` > 0) or
-    eroded (< 0) by ``|shift|`` voxels (MONAI's ``dilate``/``erode``, a ``2|shift|+1`` square), ``shift`` uniform in
-    ``+-1 .. +-max_shift``, and the result kept inside a disk centred on a random boundary voxel of radius
-    uniform in ``radius`` (voxels; the whole slice with probability ``whole_probability``). The image is not
-    changed, so the automatic mode cannot predict the shift; the simulated clicks fall on it (the discrepancy) and
-    tell the network which way, and how far around the click, to move its boundary. Shifts are symmetric, so the
+    lies 1-3 voxels outside (or inside) the network's boundary over part of the brain (a thin shell, no voxel
+    deeper than ~3 voxels). With probability ``prob`` this transform makes one: the label is dilated (``shift``
+    > 0) or eroded (< 0) by ``|shift|`` voxels (MONAI's ``dilate``/``erode``, a ``2|shift|+1`` square; the
+    erosion also removes any part narrower than that, possibly all of a small slice's label), ``shift`` uniform
+    in ``+-1 .. +-max_shift``, over the whole slice with probability ``whole_probability``, else inside a disk
+    of radius uniform in ``radius`` (voxels) centred on a voxel the shift changes. The image is not changed, so
+    the automatic mode cannot predict the shift; the simulated clicks fall on it (the discrepancy) and tell the
+    network which way, and how far around the click, to move its boundary. Shifts are symmetric, so the
     automatic mode's expected target stays the original boundary.
 
-    Works on channel-first 2D labels ``(1, H, W)`` with values 0/1 (the training slices).
+    Works on channel-first 2D labels ``(1, H, W)`` with values 0/1 (the training slices), tensor or array; the
+    result keeps the label's type, dtype and metadata. Draws from the transform's own ``R``.
     """
 
     def __init__(
@@ -271,27 +281,27 @@ class RandBoundaryShiftd(Randomizable, MapTransform):
             label = d[key]
             if label.ndim != 3 or label.shape[0] != 1:
                 raise ValueError(f"RandBoundaryShiftd needs a (1, H, W) label, got shape {tuple(label.shape)}")
-            if self.R.rand() >= self.prob:
-                continue
-            t = torch.as_tensor(np.asarray(label) if not torch.is_tensor(label) else label)
+            t = label if torch.is_tensor(label) else torch.as_tensor(np.asarray(label))
             if not bool(((t == 0) | (t == 1)).all()):
                 raise ValueError("RandBoundaryShiftd needs a 0/1 label")
-            shift = int(self.R.randint(1, self.max_shift + 1)) * (1 if self.R.rand() < 0.5 else -1)
+            if self.R.rand() >= self.prob:
+                continue
+            shift = signed_draw(self.R, self.max_shift)
             moved = self.shifted(t, shift)
             edge = torch.nonzero(moved != t)
-            if len(edge) == 0:  # an empty slice (nothing to grow) or a label the erosion leaves as it was
+            if len(edge) == 0:  # an empty slice (nothing to grow) or a full one (nothing to erode)
                 continue
             if self.R.rand() >= self.whole_probability:
                 _, cy, cx = (int(v) for v in edge[self.R.randint(len(edge))])
                 r = self.R.uniform(*self.radius)
-                yy, xx = torch.meshgrid(torch.arange(t.shape[1]), torch.arange(t.shape[2]), indexing="ij")
-                inside = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)[None]
-                moved = torch.where(inside, moved, t)
+                yy = torch.arange(t.shape[1], device=t.device)[:, None]
+                xx = torch.arange(t.shape[2], device=t.device)[None, :]
+                moved = torch.where(((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)[None], moved, t)
             if torch.is_tensor(label):
                 out = label.clone()
                 out[...] = moved.to(label.dtype)
             else:
-                out = moved.numpy().astype(np.asarray(label).dtype)
+                out = moved.cpu().numpy().astype(np.asarray(label).dtype)
             d[key] = out
         return d
 

@@ -169,10 +169,10 @@ def test_configs_agree_on_the_network():
     assert "dropout" in cfg["train"]["network_def"]  # MONAI Label's epistemic scoring sets it
 
 
-
 @pytest.mark.parametrize("bundle", ["bundle", "bundle2d"])
 def test_seed_override_sets_the_random_state_the_run_starts_from(bundle):
     """`--seed N` (train.json's `seed`, 123 by default) is what `initialize` seeds numpy and torch with."""
+    import monai
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -183,6 +183,8 @@ def test_seed_override_sets_the_random_state_the_run_starts_from(bundle):
         parser.get_parsed_content("initialize#0", lazy=False)
         assert np.random.rand() == np.random.RandomState(seed).rand()
         assert torch.initial_seed() == seed
+    monai.utils.set_determinism(None)
+
 
 def test_logging_conf_passes_monai_allowlist():
     from monai.bundle.workflows import _apply_logging_file

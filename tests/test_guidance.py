@@ -223,45 +223,57 @@ def test_guidance_learning_rate_is_a_param_group_with_factor_times_the_rate_on_t
 def test_boundary_shift_moves_the_label_by_the_drawn_distance_inside_the_disk_only():
     """RandBoundaryShiftd (train_edit.json): the training errors clicks can fix. Checked against scipy's
     chessboard distance: the shifted label is every voxel within |shift| of the label (dilation) or of the
-    background (erosion), inside a disk around a boundary voxel; nothing changes outside it; prob 0 is a no-op;
-    both directions are drawn; the image is not touched."""
+    background (erosion), over the whole slice or inside a disk of the drawn radius; nothing changes outside it;
+    every shift 1..3 and both directions are drawn; prob 0 is a no-op; the image is not touched; a MetaTensor
+    label keeps its metadata and dtype; a label touching the image's edge is not eroded from the edge."""
+    from monai.data import MetaTensor
     from scipy import ndimage as ndi
 
     from medurwkv.guidance import RandBoundaryShiftd
 
     yy, xx = np.mgrid[:64, :64]
     disk = ((yy - 32) ** 2 + (xx - 30) ** 2 <= 18**2).astype(np.float32)
-    label = torch.as_tensor(disk[None])
+    label = MetaTensor(torch.as_tensor(disk[None]), affine=torch.diag(torch.tensor([2.0, 2.0, 1.0, 1.0])), meta={"case": "x"})
     out_dist = ndi.distance_transform_cdt(disk == 0, metric="chessboard")  # distance to the label, outside it
     in_dist = ndi.distance_transform_cdt(disk > 0, metric="chessboard")  # distance to the background, inside it
 
     assert torch.equal(RandBoundaryShiftd(prob=0.0)({"label": label})["label"], label)
     whole = RandBoundaryShiftd(prob=1.0, max_shift=3, whole_probability=1.0)
-    local = RandBoundaryShiftd(prob=1.0, max_shift=3, radius=(8, 8), whole_probability=0.0)
-    signs = set()
-    for seed in range(12):
+    local = RandBoundaryShiftd(prob=1.0, max_shift=3, radius=(4, 8), whole_probability=0.0)
+    drawn, spreads = set(), []
+    for seed in range(16):
         for t in (whole, local):
             t.set_random_state(seed)
             image = torch.rand(1, 64, 64)
             d = t({"label": label, "image": image})
             assert d["image"] is image
-            new = d["label"][0].numpy()
+            out = d["label"]
+            assert isinstance(out, MetaTensor) and out.dtype == label.dtype and out.meta["case"] == "x"
+            assert torch.equal(out.affine, label.affine)
+            new = out[0].numpy()
             changed = new != disk
             assert changed.any()
             grew = bool(new[changed].max() == 1)
             assert (new[changed] == (1 if grew else 0)).all()  # one direction per draw
-            signs.add(grew)
             dist = (out_dist if grew else in_dist)[changed]
             shift = int(dist.max())
-            assert 1 <= shift <= 3
+            drawn.add(shift if grew else -shift)
             ref = (out_dist <= shift) & (out_dist > 0) if grew else (in_dist <= shift) & (in_dist > 0)
             if t is whole:
                 np.testing.assert_array_equal(changed, ref)
-            else:  # inside one disk of radius 8 around a boundary voxel: changed voxels span at most 16 + 1
+            else:  # inside one disk of radius <= 8 around a changed voxel: at most 2 * 8 + 1 voxels across
                 ys, xs = np.nonzero(changed)
-                assert ys.ptp() <= 16 and xs.ptp() <= 16
-                assert changed.sum() < ref.sum()
-                assert not (changed & ~ref).any()
-    assert signs == {True, False}
+                assert np.ptp(ys) <= 16 and np.ptp(xs) <= 16
+                spreads.append(max(np.ptp(ys), np.ptp(xs)))
+                assert changed.sum() < ref.sum() and not (changed & ~ref).any()
+    assert drawn == {-3, -2, -1, 1, 2, 3}
+    assert max(spreads) > 8  # radii up to 8 are drawn, not only the lower end (4)
+
+    # the label touches the image's left edge: erosion moves the other sides only
+    edge = np.zeros((1, 20, 20), np.float32)
+    edge[0, 5:15, :10] = 1
+    eroded = RandBoundaryShiftd.shifted(torch.as_tensor(edge), -1)[0].numpy()
+    np.testing.assert_array_equal(eroded[6:14, :9], 1)
+    assert eroded.sum() == 8 * 9
     with pytest.raises(ValueError, match="0/1"):
-        RandBoundaryShiftd(prob=1.0)({"label": label * 2})
+        RandBoundaryShiftd(prob=0.0)({"label": label * 2})
