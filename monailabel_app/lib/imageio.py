@@ -21,9 +21,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import BadInput, TooLarge, UnsupportedFile
-from .studies import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
-
-IMAGE_SUFFIXES = VOLUME_SUFFIXES + IMAGE_2D_SUFFIXES  # 2D images: lib/image2d.py
+from .studies import IMAGE_2D_SUFFIXES
+from .studies import STUDY_SUFFIXES as IMAGE_SUFFIXES  # volumes and 2D images (lib/image2d.py)
 
 
 @dataclass

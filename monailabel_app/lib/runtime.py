@@ -93,6 +93,13 @@ class ProbabilityCache:
         self._entries: "OrderedDict[Tuple, Tuple[Dict[str, Any], int]]" = OrderedDict()
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_conf(cls, conf: Dict[str, str], entries: Optional[int] = None, min_entries: int = 0) -> "ProbabilityCache":
+        """The cache the app's ``--conf`` asks for: ``prob_cache`` volumes (2; or ``entries``), at least
+        ``min_entries``, and ``prob_cache_mb`` MiB (1024)."""
+        n = int(conf.get("prob_cache", "2")) if entries is None else int(entries)
+        return cls(max(min_entries, n), int(float(conf.get("prob_cache_mb", "1024")) * 2**20))
+
     @staticmethod
     def nbytes(entry: Dict[str, Any]) -> int:
         return sum(v.numel() * v.element_size() for v in entry.values() if torch.is_tensor(v))
@@ -165,8 +172,7 @@ class ModelRuntime:
         self.weights_path = os.path.join(bundle_path, "models", weights)
         self.dropout, self.mc_dropout = float(dropout), bool(mc_dropout)
         self.amp_default = str(conf.get("amp", "true")).lower() in ("1", "true", "yes")
-        entries = int(conf.get("prob_cache", "2")) if prob_cache is None else prob_cache
-        self.prob_cache = ProbabilityCache(entries, int(float(conf.get("prob_cache_mb", "1024")) * 2**20))
+        self.prob_cache = ProbabilityCache.from_conf(conf, prob_cache)
         self.requests = threading.BoundedSemaphore(max(1, int(conf.get("infer_concurrency", "2"))))
         self._device_locks: Dict[str, threading.Lock] = {}
         self._device_locks_guard = threading.Lock()

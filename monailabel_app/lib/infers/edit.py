@@ -277,7 +277,7 @@ class MedURWKVEdit(MedURWKVInfer):
         self.labels = self.label_names  # Slicer sends one click list per name, "background" included
         self.type = InferType.DEEPEDIT
         self.refine_defaults = refine_defaults(conf)  # the graph cut after the network: as medurwkv_clicks
-        self._auto_logits = ProbabilityCache(max(1, int(conf.get("prob_cache", "2"))), int(float(conf.get("prob_cache_mb", "1024")) * 2**20))
+        self._auto_logits = ProbabilityCache.from_conf(conf, min_entries=1)  # the automatic logits: at least one volume
         self.description = (
             "Med-URWKV-Edit: the network takes foreground/background clicks (one list per label name) and "
             "corrects the slices they reach; no clicks = automatic segmentation."
